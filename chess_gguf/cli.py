@@ -1,0 +1,130 @@
+"""Command line: `python -m chess_gguf {generate,convert,inspect} ...`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from . import __version__
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .runtime import Context, Model, Sampler
+
+    model = Model(args.model)
+    ctx = Context(model, n_ctx=args.ctx, n_threads=args.threads)
+    prompt = model.tokenize(args.prompt, add_special=True)
+    sampler = Sampler(temp=args.temp, seed=args.seed)
+    out = sys.stdout
+    out.write(args.prompt)
+    out.flush()
+    t0 = time.perf_counter()
+    ctx.decode(prompt, logits="last")
+    t1 = time.perf_counter()
+    n_gen = 0
+    pending = b""  # a UTF-8 character can span tokens: print only whole characters
+    for _ in range(args.n):
+        tok = sampler.sample(ctx, -1)
+        if model.is_eog(tok):
+            break
+        n_gen += 1
+        pending += model.token_to_piece(tok)
+        try:
+            out.write(pending.decode("utf-8"))
+            pending = b""
+        except UnicodeDecodeError:
+            pass
+        out.flush()
+        ctx.decode([tok], logits="last")
+    t2 = time.perf_counter()
+    out.write(pending.decode("utf-8", "replace") + "\n")
+    pp = len(prompt) / (t1 - t0)
+    tg = n_gen / (t2 - t1) if n_gen else 0.0
+    print(f"\n[prompt: {len(prompt)} tokens, {pp:.1f} tok/s | generation: {n_gen} tokens, {tg:.1f} tok/s | "
+          f"threads: {ctx.n_threads}]", file=sys.stderr)
+    return 0
+
+
+def _levels(s: str) -> list[float]:
+    try:
+        return [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import Options, convert, print_summary
+
+    opt = Options(levels=args.levels, default_level=args.default_level, calib_files=args.calib or (),
+                  calib_tokens=args.calib_tokens, ctx=args.ctx, threads=args.threads, stat=args.stat,
+                  attention=not args.no_attention, force=args.force, wt_type=args.wt_type,
+                  progress=not args.quiet)
+    print_summary(convert(args.model, args.output, opt))
+    return 0
+
+
+def cmd_libdir(args: argparse.Namespace) -> int:
+    from .interop import lib_dir
+    print(lib_dir())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m chess_gguf",
+                                 description="CHESS activation sparsity for llama.cpp GGUF models on CPU.")
+    ap.add_argument("--version", action="version", version=f"chess_gguf {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate text with the patched runtime, streaming, with speeds",
+                       description="Generate text from a prompt through the patched llama.cpp; prints the text "
+                                   "as it is produced, then prompt and generation speed (tokens/s).")
+    g.add_argument("model", help="GGUF model file (stock or CHESS-converted)")
+    g.add_argument("-p", "--prompt", required=True, help="prompt text")
+    g.add_argument("-n", type=int, default=64, help="number of tokens to generate (default 64)")
+    g.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g.add_argument("--ctx", type=int, default=2048, help="context size (default 2048)")
+    g.set_defaults(fn=cmd_generate)
+
+    c = sub.add_parser("convert", help="calibrate a GGUF model and write a CHESS GGUF beside it",
+                       description="Run calibration text through the model, compute CHESS per-channel FFN "
+                                   "thresholds, CATS and attention thresholds for every level, and write them with "
+                                   "transposed copies of W_down, W_q, W_o into a new GGUF (IN.chess.gguf). "
+                                   "All original tensors and metadata are kept byte for byte.")
+    c.add_argument("model", help="input GGUF model")
+    c.add_argument("-o", "--output", help="output file (default: IN.chess.gguf beside the input)")
+    c.add_argument("--levels", type=_levels, default=[0.3, 0.4, 0.5, 0.6, 0.7],
+                   help="sparsity levels to calibrate, each in (0,1) (default 0.3,0.4,0.5,0.6,0.7)")
+    c.add_argument("--default-level", type=float, default=0.5, help="level used when none is chosen (default 0.5)")
+    c.add_argument("--calib", nargs="+", metavar="FILE",
+                   help="calibration text files (default: the built-in Wikipedia calibration split)")
+    c.add_argument("--calib-tokens", type=int, default=65536, help="calibration tokens (default 65536)")
+    c.add_argument("--ctx", type=int, default=512, help="calibration window in tokens (default 512)")
+    c.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    c.add_argument("--stat", choices=["mean-abs", "rms"], default="mean-abs",
+                   help="per-channel statistic m_i of |u_i| (default mean-abs, as in the paper)")
+    c.add_argument("--no-attention", action="store_true", help="omit the attention thresholds and W_q/W_o copies")
+    c.add_argument("--wt-type", default=None,
+                   help="ggml type for the transposed copies (default: the original's, see docs/format.md)")
+    c.add_argument("--force", action="store_true", help="overwrite the output; reconvert a CHESS file")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(fn=cmd_convert)
+
+    d = sub.add_parser("libdir", help="print the folder of the patched libllama (for LLAMA_CPP_LIB_PATH)")
+    d.set_defaults(fn=cmd_libdir)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .runtime import RuntimeError_
+    try:
+        return args.fn(args)
+    except (FileNotFoundError, RuntimeError_, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

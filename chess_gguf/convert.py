@@ -1,0 +1,233 @@
+"""`convert`: calibrate -> thresholds -> transposed weights -> CHESS GGUF (docs/format.md)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT, GGUFValueType as VT
+
+from . import __version__
+from . import gguf_io
+from .calibrate import CalibStats, arch_of, calibrate
+from .runtime import Model, quantize_rows
+from .thresholds import channel_stat, check_levels, chess_thresholds, realised_sparsity, scalar_thresholds
+
+FORMAT_VERSION = 1
+
+# Transposed copies keep the original's type when its block fits the new row length (the row
+# length becomes the matrix's OUTPUT dimension). K-quants need rows of 256, so e.g. Qwen's
+# n_embd = 896 cannot hold them: fall back to the legacy type of at least the same bits.
+FALLBACK = {
+    QT.Q2_K: QT.Q4_0, QT.Q3_K: QT.Q4_0, QT.Q4_K: QT.Q4_1, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0,
+    QT.IQ4_XS: QT.IQ4_NL, QT.IQ2_XXS: QT.Q4_0, QT.IQ2_XS: QT.Q4_0, QT.IQ2_S: QT.Q4_0,
+    QT.IQ3_XXS: QT.Q4_0, QT.IQ3_S: QT.Q4_0, QT.IQ1_S: QT.Q4_0, QT.IQ1_M: QT.Q4_0, QT.TQ1_0: QT.Q4_0,
+    QT.TQ2_0: QT.Q4_0,
+}
+QUANTIZABLE = {QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K,
+               QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS}
+
+
+def transposed_type(orig: QT, row_len: int, override: Optional[QT] = None) -> QT:
+    """The rule for a transposed copy's type (see module comment); override wins when it fits."""
+    from gguf.constants import GGML_QUANT_SIZES
+    fits = lambda t: row_len % GGML_QUANT_SIZES[t][0] == 0  # noqa: E731
+    for t in ([override] if override is not None else []) + [orig, FALLBACK.get(orig, QT.Q8_0), QT.Q8_0, QT.F16]:
+        if t in QUANTIZABLE and fits(t):
+            return t
+    return QT.F32
+
+
+@dataclass
+class Options:
+    levels: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7)
+    default_level: float = 0.5
+    calib_files: Sequence[str] = ()
+    calib_tokens: int = 65536
+    ctx: int = 512
+    threads: Optional[int] = None
+    stat: str = "mean-abs"
+    attention: bool = True
+    force: bool = False
+    wt_type: Optional[str] = None
+    progress: bool = True
+    max_rows: int = 8192
+
+
+def default_output(inp: Path) -> Path:
+    name = inp.name[:-5] if inp.name.endswith(".gguf") else inp.name
+    return inp.with_name(name + ".chess.gguf")
+
+
+def check_paths(inp: Path, out: Path, force: bool) -> None:
+    if out.resolve() == inp.resolve():
+        raise ValueError(f"{out}: refusing to overwrite the input file")
+    if not out.parent.is_dir():
+        raise ValueError(f"{out}: output folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise ValueError(f"{out}: output folder {out.parent} is not writable")
+    if out.exists() and not force:
+        raise ValueError(f"{out}: already exists (use --force to overwrite)")
+
+
+def load_calib_text(files: Sequence[str]) -> tuple[str, str]:
+    if not files:
+        from .data import default_calib_path
+        files = [str(default_calib_path())]
+    parts = []
+    for f in files:
+        p = Path(f)
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: calibration file not found")
+        parts.append(p.read_text(encoding="utf-8", errors="replace"))
+    text = "\n\n".join(parts)
+    return text, hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def compute_thresholds(st: CalibStats, levels: Sequence[float], stat: str) -> list[dict]:
+    """Per layer: CHESS tau [n_levels, n_ff], CATS [n_levels], attention q/o [n_levels], and m."""
+    out = []
+    for L in st.layers:
+        a = L.a.astype(np.float32)
+        m = channel_stat(L.sum_abs_u, L.sum_sq_u, st.n_tokens, stat)
+        out.append({
+            "m": m,
+            "ffn_tau": chess_thresholds(a, m, levels),
+            "ffn_cats": scalar_thresholds(a, levels),
+            "attn_q": scalar_thresholds(L.q.astype(np.float32), levels),
+            "attn_o": scalar_thresholds(L.o.astype(np.float32), levels),
+        })
+    return out
+
+
+def calib_sparsity(st: CalibStats, thr: list[dict], levels: Sequence[float]) -> dict[str, np.ndarray]:
+    """Realised sparsity per [level, layer] on the calibration samples, per part."""
+    res = {k: np.zeros((len(levels), len(thr))) for k in ("chess", "cats", "attn_q", "attn_o")}
+    for il, (L, t) in enumerate(zip(st.layers, thr)):
+        a = L.a.astype(np.float32)
+        for k in range(len(levels)):
+            res["chess"][k, il] = realised_sparsity(a, t["ffn_tau"][k])
+            res["cats"][k, il] = realised_sparsity(a, t["ffn_cats"][k])
+            res["attn_q"][k, il] = realised_sparsity(L.q, t["attn_q"][k])
+            res["attn_o"][k, il] = realised_sparsity(L.o, t["attn_o"][k])
+    return res
+
+
+def transposed_tensors(reader, n_layer: int, wt_type: Optional[QT], progress: bool) -> list[tuple]:
+    """Transposed, requantized copies of W_down, W_q, W_o for every layer."""
+    by_name = {t.name: t for t in reader.tensors}
+    jobs = []
+    for il in range(n_layer):
+        for src, dst in (("ffn_down", "chess_wt_down"), ("attn_q", "chess_wt_q"), ("attn_output", "chess_wt_o")):
+            name = f"blk.{il}.{src}.weight"
+            if name not in by_name:
+                raise ValueError(f"{reader.data.filename}: tensor {name} missing")
+            jobs.append((name, f"blk.{il}.{dst}"))
+    out = []
+    it = jobs
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(jobs), unit="mat", desc="transposing", dynamic_ncols=True)
+    for name, dst in it:
+        t = by_name[name]
+        w = gguf_io.tensor_f32(reader, name)       # [n_out, n_in]
+        wt = np.ascontiguousarray(w.T)             # [n_in, n_out]: one row per input channel
+        qt = transposed_type(QT(int(t.tensor_type)), wt.shape[1], wt_type)
+        if qt == QT.F32:
+            out.append((dst, wt, None))
+        elif qt == QT.F16:
+            out.append((dst, wt.astype(np.float16), None))
+        else:
+            data = np.frombuffer(quantize_rows(wt, int(qt)), dtype=np.uint8).reshape(wt.shape[0], -1)
+            out.append((dst, data, qt))
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+    return out
+
+
+def convert(inp: str, out: Optional[str], opt: Options) -> dict:
+    t0 = time.perf_counter()
+    inp_p = Path(inp)
+    reader = gguf_io.read(inp_p)
+    out_p = Path(out) if out else default_output(inp_p)
+    levels = [float(x) for x in check_levels(opt.levels)]
+    if opt.default_level not in levels:
+        raise ValueError(f"--default-level {opt.default_level} is not one of --levels {levels}")
+    if opt.stat not in ("mean-abs", "rms"):
+        raise ValueError(f"--stat {opt.stat!r}: expected mean-abs or rms")
+    if gguf_io.field_value(reader, "chess.version") is not None and not opt.force:
+        raise ValueError(f"{inp_p}: already a CHESS file (use --force to convert it again)")
+    check_paths(inp_p, out_p, opt.force)
+    wt_type = None
+    if opt.wt_type:
+        try:
+            wt_type = QT[opt.wt_type.upper()]
+        except KeyError:
+            raise ValueError(f"--wt-type {opt.wt_type!r}: unknown ggml type") from None
+
+    text, text_sha = load_calib_text(opt.calib_files)
+    model = Model(inp_p)
+    arch, act_kind = arch_of(model)
+    tokens = model.tokenize(text, add_special=False)[: opt.calib_tokens]
+    if len(tokens) < opt.calib_tokens:
+        print(f"note: calibration text has only {len(tokens)} tokens (asked for {opt.calib_tokens})", file=sys.stderr)
+    st = calibrate(model, tokens, ctx=opt.ctx, threads=opt.threads, max_rows=opt.max_rows, progress=opt.progress)
+    t_calib = time.perf_counter() - t0
+    n_layer = model.n_layer
+    model.close()
+
+    thr = compute_thresholds(st, levels, opt.stat)
+    n_lv = len(levels)
+    tensors = []
+    for il, t in enumerate(thr):
+        tensors.append((f"blk.{il}.chess_ffn_tau", np.ascontiguousarray(t["ffn_tau"], dtype=np.float32), None))
+        tensors.append((f"blk.{il}.chess_ffn_cats", t["ffn_cats"].astype(np.float32), None))
+        if opt.attention:
+            tensors.append((f"blk.{il}.chess_thr_q", t["attn_q"].astype(np.float32), None))
+            tensors.append((f"blk.{il}.chess_thr_o", t["attn_o"].astype(np.float32), None))
+    wts = transposed_tensors(reader, n_layer, wt_type, opt.progress)
+    if not opt.attention:
+        wts = [w for w in wts if w[0].endswith("chess_wt_down")]
+    kv = {
+        "chess.version": (FORMAT_VERSION, VT.UINT32, None),
+        "chess.levels": (levels, VT.ARRAY, VT.FLOAT32),
+        "chess.default_level": (float(opt.default_level), VT.FLOAT32, None),
+        "chess.stat": (opt.stat, VT.STRING, None),
+        "chess.activation": (act_kind, VT.STRING, None),
+        "chess.attention": (bool(opt.attention), VT.BOOL, None),
+        "chess.calib_tokens": (int(st.n_tokens), VT.UINT64, None),
+        "chess.calib_sha256": (text_sha, VT.STRING, None),
+        "chess.tool_version": (f"chess_gguf {__version__}", VT.STRING, None),
+    }
+    gguf_io.write_with_extras(reader, out_p, kv, tensors + wts, progress=opt.progress)
+    sp = calib_sparsity(st, thr, levels)
+    size_in, size_out = inp_p.stat().st_size, out_p.stat().st_size
+    return {
+        "output": str(out_p), "arch": arch, "levels": levels, "n_tokens": st.n_tokens,
+        "seconds": time.perf_counter() - t0, "calib_seconds": t_calib,
+        "size_in": size_in, "size_out": size_out, "sparsity": sp, "wt_types": sorted({str(w[2].name if w[2] is not None else w[1].dtype) for w in wts}),
+    }
+
+
+def print_summary(res: dict, file=sys.stdout) -> None:
+    sp = res["sparsity"]
+    p = lambda *a: print(*a, file=file)  # noqa: E731
+    p(f"wrote {res['output']} ({res['arch']}, {res['n_tokens']} calibration tokens, "
+      f"transposed copies: {', '.join(res['wt_types'])})")
+    p("realised sparsity on the calibration text (mean over layers [min..max]):")
+    p(f"  {'level':>5}  {'chess ffn':>18}  {'cats ffn':>18}  {'attn q':>18}  {'attn o':>18}")
+    for k, lv in enumerate(res["levels"]):
+        cells = [f"{sp[n][k].mean():.3f} [{sp[n][k].min():.2f}..{sp[n][k].max():.2f}]"
+                 for n in ("chess", "cats", "attn_q", "attn_o")]
+        p(f"  {lv:>5.2f}  " + "  ".join(f"{c:>18}" for c in cells))
+    over = res["size_out"] / res["size_in"] - 1
+    p(f"time {res['seconds']:.1f} s (calibration {res['calib_seconds']:.1f} s); "
+      f"size {res['size_in'] / 1e6:.1f} MB -> {res['size_out'] / 1e6:.1f} MB (+{100 * over:.1f}%)")

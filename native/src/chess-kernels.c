@@ -1,0 +1,644 @@
+// CHESS sparse mat-vec kernels. See chess-kernels.h for the contract.
+#include "chess-kernels.h"
+#include "ggml-cpu.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__F16C__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define CHESS_AVX2 1
+#endif
+
+// Fused multiply-add used by every accumulation, vector and scalar alike, so an output element
+// gets the same rounding whichever code path (vector body or scalar tail) computes it.
+#if defined(__FMA__)
+#define CH_FMA(a, b, c) fmaf((a), (b), (c))
+#else
+#define CH_FMA(a, b, c) ((a) * (b) + (c))
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// thread-local scratch (no work buffer in a ggml custom op): grows, never shrinks
+
+typedef struct { void * p; size_t cap; } ch_buf;
+
+static void * ch_grow(ch_buf * b, size_t need) {
+    if (need > b->cap) {
+        size_t cap = need + need / 2 + 256;
+        cap = (cap + 63) & ~(size_t) 63;
+        free(b->p);
+        b->p = aligned_alloc(64, cap);
+        if (!b->p) {
+            b->cap = 0;
+            GGML_ABORT("chess: out of memory (%zu bytes)", cap);
+        }
+        b->cap = cap;
+    }
+    return b->p;
+}
+
+static _Thread_local ch_buf tls_list;  // active/kept indices + coefficients
+static _Thread_local ch_buf tls_deq;   // dequantized weights / per-block biases
+static _Thread_local ch_buf tls_x;     // chess_prepare_x_tls
+
+// ---------------------------------------------------------------------------------------------
+// small helpers
+
+static inline float ch_h2f(ggml_fp16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    return ggml_fp16_to_fp32(h);
+#endif
+}
+
+float chess_act_apply(enum chess_act act, float g) {
+    if (act == CHESS_ACT_GELU) {
+        const float k0 = 0.79788456080286535588f; // sqrt(2/pi)
+        const float k1 = 0.044715f;
+        return 0.5f * g * (1.0f + tanhf(k0 * g * (1.0f + k1 * g * g)));
+    }
+    return g / (1.0f + expf(-g));
+}
+
+bool chess_type_supported(enum ggml_type type) {
+    if ((int) type < 0 || type >= GGML_TYPE_COUNT) {
+        return false;
+    }
+    const struct ggml_type_traits * tt = ggml_get_type_traits(type);
+    if (!tt || !tt->type_name || tt->blck_size <= 0) {
+        return false;
+    }
+    const struct ggml_type_traits_cpu * tc = ggml_get_type_traits_cpu(type);
+    if (!tc || !tc->vec_dot) {
+        return false;
+    }
+    const struct ggml_type_traits_cpu * tv = ggml_get_type_traits_cpu(tc->vec_dot_type);
+    if (!tv || !tv->from_float) {
+        return false;
+    }
+    return type == GGML_TYPE_F32 || tt->to_float != NULL; // F32 needs no to_float
+}
+
+void chess_thread_range(int64_t n, int64_t align, int ith, int nth, int64_t * r0, int64_t * r1) {
+    if (align < 1) {
+        align = 1;
+    }
+    if (nth < 1) {
+        nth = 1;
+    }
+    const int64_t nu   = (n + align - 1) / align; // units of `align` elements
+    const int64_t base = nu / nth;
+    const int64_t rem  = nu % nth;
+    const int64_t u0   = ith * base + (ith < rem ? ith : rem);
+    const int64_t u1   = u0 + base + (ith < rem ? 1 : 0);
+    *r0 = u0 * align < n ? u0 * align : n;
+    *r1 = u1 * align < n ? u1 * align : n;
+}
+
+// threshold lookup: per-channel array, one scalar, or none
+static inline float ch_thr(const float * t, int64_t n_t, int64_t i) {
+    return t ? t[n_t == 1 ? 0 : i] : 0.0f;
+}
+
+// ---------------------------------------------------------------------------------------------
+// x preparation
+
+size_t chess_x_size(enum ggml_type type, int64_t n_in) {
+    return ggml_row_size(ggml_get_type_traits_cpu(type)->vec_dot_type, n_in);
+}
+
+void chess_prepare_x(enum ggml_type type, const float * x, void * xq, int64_t n_in) {
+    const enum ggml_type vt = ggml_get_type_traits_cpu(type)->vec_dot_type;
+    if (vt == GGML_TYPE_F32) {
+        memcpy(xq, x, n_in * sizeof(float));
+    } else {
+        ggml_get_type_traits_cpu(vt)->from_float(x, xq, n_in);
+    }
+}
+
+const void * chess_prepare_x_tls(enum ggml_type type, const float * x, int64_t n_in) {
+    void * xq = ch_grow(&tls_x, chess_x_size(type, n_in));
+    chess_prepare_x(type, x, xq, n_in);
+    return xq;
+}
+
+// ---------------------------------------------------------------------------------------------
+// output-sparse up projection
+
+int64_t chess_up_sparse(const void * w_up, enum ggml_type type, size_t nb1, int64_t n_in,
+                        const float * g, const float * tau, int64_t n_tau, enum chess_act act,
+                        const void * xq, float * h, int64_t i0, int64_t i1) {
+    if (i1 <= i0) {
+        return 0;
+    }
+    const ggml_vec_dot_t vec_dot = ggml_get_type_traits_cpu(type)->vec_dot;
+    const char * w = (const char *) w_up;
+
+    // pass 1: decide the mask (cheap, sequential) so pass 2 can prefetch the next kept row
+    int32_t * kept = ch_grow(&tls_list, (size_t) (i1 - i0) * (sizeof(int32_t) + sizeof(float)));
+    float   * ka   = (float *) (kept + (i1 - i0));
+    int64_t nk = 0;
+    for (int64_t i = i0; i < i1; i++) {
+        const float a = chess_act_apply(act, g[i]);
+        if (!tau || fabsf(a) >= ch_thr(tau, n_tau, i)) {
+            kept[nk] = (int32_t) i;
+            ka[nk++] = a;
+        }
+        h[i] = 0.0f;
+    }
+
+    // pass 2: one quantized dot product per kept row
+    const size_t row_bytes = ggml_row_size(type, n_in);
+    for (int64_t k = 0; k < nk; k++) {
+        if (k + 1 < nk) {
+            // a kept row is a random jump for the hardware prefetcher: start the next one early
+            const char * nxt = w + (size_t) kept[k + 1] * nb1;
+            for (size_t off = 0; off < row_bytes && off < 512; off += 64) {
+                __builtin_prefetch(nxt + off, 0, 3);
+            }
+        }
+        float s;
+        vec_dot((int) n_in, &s, 0, w + (size_t) kept[k] * nb1, 0, xq, 0, 1);
+        h[kept[k]] = ka[k] * s;
+    }
+    return nk;
+}
+
+int64_t chess_up_sparse_ref(const void * w_up, enum ggml_type type, size_t nb1, int64_t n_in,
+                            const float * g, const float * tau, int64_t n_tau, enum chess_act act,
+                            const float * x, float * h, int64_t i0, int64_t i1) {
+    float * row = malloc((size_t) n_in * sizeof(float));
+    int64_t nk = 0;
+    for (int64_t i = i0; i < i1; i++) {
+        const float a = chess_act_apply(act, g[i]);
+        h[i] = 0.0f;
+        if (tau && !(fabsf(a) >= ch_thr(tau, n_tau, i))) {
+            continue;
+        }
+        nk++;
+        const void * src = (const char *) w_up + (size_t) i * nb1;
+        if (type == GGML_TYPE_F32) {
+            memcpy(row, src, (size_t) n_in * sizeof(float));
+        } else {
+            ggml_get_type_traits(type)->to_float(src, row, n_in);
+        }
+        float s = 0.0f;
+        for (int64_t j = 0; j < n_in; j++) {
+            s += row[j] * x[j];
+        }
+        h[i] = a * s;
+    }
+    free(row);
+    return nk;
+}
+
+// ---------------------------------------------------------------------------------------------
+// input-sparse mat-vec through a transposed weight
+
+// Active inputs in increasing i: indices + coefficients, in thread-local scratch.
+static int64_t ch_active(const float * v, const float * thr, int64_t n_thr, int64_t n_in,
+                         int32_t ** idx_out, float ** c_out) {
+    int32_t * idx = ch_grow(&tls_list, (size_t) n_in * (sizeof(int32_t) + sizeof(float)));
+    float   * c   = (float *) (idx + n_in);
+    int64_t na = 0;
+    for (int64_t i = 0; i < n_in; i++) {
+        const float vi = v[i];
+        if (vi != 0.0f && (!thr || fabsf(vi) >= ch_thr(thr, n_thr, i))) {
+            idx[na] = (int32_t) i;
+            c[na++] = vi;
+        }
+    }
+    *idx_out = idx;
+    *c_out   = c;
+    return na;
+}
+
+// acc[j] += c0*w0[j] + c1*w1[j] + c2*w2[j] + c3*w3[j], as a chain of 4 sequential FMAs
+// (the same rounding as 4 single-row passes, so grouping rows never changes the result)
+static void ch_axpy4(float * restrict acc, const float * restrict w0, const float * restrict w1,
+                     const float * restrict w2, const float * restrict w3,
+                     float c0, float c1, float c2, float c3, int64_t n) {
+    int64_t j = 0;
+#if defined(CHESS_AVX2)
+    const __m256 vc0 = _mm256_set1_ps(c0), vc1 = _mm256_set1_ps(c1);
+    const __m256 vc2 = _mm256_set1_ps(c2), vc3 = _mm256_set1_ps(c3);
+    for (; j + 8 <= n; j += 8) {
+        __m256 a = _mm256_loadu_ps(acc + j);
+        a = _mm256_fmadd_ps(vc0, _mm256_loadu_ps(w0 + j), a);
+        a = _mm256_fmadd_ps(vc1, _mm256_loadu_ps(w1 + j), a);
+        a = _mm256_fmadd_ps(vc2, _mm256_loadu_ps(w2 + j), a);
+        a = _mm256_fmadd_ps(vc3, _mm256_loadu_ps(w3 + j), a);
+        _mm256_storeu_ps(acc + j, a);
+    }
+#endif
+    for (; j < n; j++) {
+        float a = acc[j];
+        a = CH_FMA(c0, w0[j], a);
+        a = CH_FMA(c1, w1[j], a);
+        a = CH_FMA(c2, w2[j], a);
+        a = CH_FMA(c3, w3[j], a);
+        acc[j] = a;
+    }
+}
+
+static void ch_axpy1(float * restrict acc, const float * restrict w0, float c0, int64_t n) {
+    int64_t j = 0;
+#if defined(CHESS_AVX2)
+    const __m256 vc0 = _mm256_set1_ps(c0);
+    for (; j + 8 <= n; j += 8) {
+        _mm256_storeu_ps(acc + j, _mm256_fmadd_ps(vc0, _mm256_loadu_ps(w0 + j), _mm256_loadu_ps(acc + j)));
+    }
+#endif
+    for (; j < n; j++) {
+        acc[j] = CH_FMA(c0, w0[j], acc[j]);
+    }
+}
+
+#define CH_TILE_COLS 2048 // accumulator tile per pass over the active rows (8 KB of y: stays in L1)
+#define CH_SUB_COLS   256 // columns dequantized per row at a time (4 rows x 1 KB of scratch)
+
+// Generic route: any type with to_float. Per tile of y, per group of 4 active rows,
+// dequantize the rows' block-aligned sub-range into scratch and FMA it into y.
+static void ch_in_generic(const char * w, enum ggml_type type, size_t nb1, const int32_t * idx,
+                          const float * c, int64_t na, float * y, int64_t j0, int64_t j1) {
+    const int64_t bs  = ggml_blck_size(type);
+    const size_t  ts  = ggml_type_size(type);
+    const int64_t sub = ((CH_SUB_COLS + bs - 1) / bs) * bs;
+    const int64_t tile = sub * (CH_TILE_COLS / CH_SUB_COLS);
+    const ggml_to_float_t to_float = ggml_get_type_traits(type)->to_float;
+    const bool is_f32 = type == GGML_TYPE_F32;
+    float * tmp = is_f32 ? NULL : ch_grow(&tls_deq, 4 * (size_t) sub * sizeof(float));
+
+    // row r, columns from col (block-aligned), as floats: F32 rows are read in place
+#define CH_ROW(r, col, q) \
+    (is_f32 ? (const float *) (w + (size_t) idx[r] * nb1) + (col) \
+            : (to_float(w + (size_t) idx[r] * nb1 + (size_t) ((col) / bs) * ts, tmp + (q) * sub, ns), tmp + (q) * sub))
+
+    for (int64_t jt = j0; jt < j1; jt += tile) {
+        const int64_t nt = j1 - jt < tile ? j1 - jt : tile;
+        float * acc = y + jt;
+        memset(acc, 0, (size_t) nt * sizeof(float));
+        int64_t k = 0;
+        for (; k + 4 <= na; k += 4) {
+            for (int64_t js = 0; js < nt; js += sub) {
+                const int64_t ns = nt - js < sub ? nt - js : sub;
+                const int64_t col = jt + js;
+                const float * r0 = CH_ROW(k + 0, col, 0);
+                const float * r1 = CH_ROW(k + 1, col, 1);
+                const float * r2 = CH_ROW(k + 2, col, 2);
+                const float * r3 = CH_ROW(k + 3, col, 3);
+                ch_axpy4(acc + js, r0, r1, r2, r3, c[k], c[k + 1], c[k + 2], c[k + 3], ns);
+            }
+        }
+        for (; k < na; k++) {
+            for (int64_t js = 0; js < nt; js += sub) {
+                const int64_t ns = nt - js < sub ? nt - js : sub;
+                ch_axpy1(acc + js, CH_ROW(k, jt + js, 0), c[k], ns);
+            }
+        }
+    }
+#undef CH_ROW
+}
+
+#if defined(CHESS_AVX2)
+// ---- AVX2 fused dequantize + FMA for the 32-element block types --------------------------------
+// Each block is decoded to 32 integer levels q (as 4 x 8 floats) plus a scale d and an offset m,
+// weight = d*q + m. y accumulates (c*d)*q by FMA; sum(c*m) is one scalar per block, added at
+// the end of the tile (exact algebra; only the rounding order differs from the reference).
+
+// 32 int8 -> 4 x 8 float
+static inline void ch_i8x32_to_ps(__m256i q, __m256 f[4]) {
+    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    f[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+    f[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(lo, lo)));
+    f[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+    f[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(hi, hi)));
+}
+
+// 16 bytes of nibbles -> 32 bytes: element e < 16 is the low nibble of byte e, e >= 16 the high
+static inline __m256i ch_nibbles(const uint8_t * qs) {
+    const __m128i b = _mm_loadu_si128((const __m128i *) qs);
+    const __m128i m = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
+}
+
+// 32 bits -> 32 bytes, byte e = 0x10 if bit e is set (the 5th bit of Q5 levels)
+static inline __m256i ch_bits_0x10(const uint8_t * qh4) {
+    uint32_t u;
+    memcpy(&u, qh4, 4);
+    const __m256i sel = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
+                                          0x0101010101010101LL, 0x0000000000000000LL);
+    const __m256i bit = _mm256_set1_epi64x((long long) 0x8040201008040201ULL);
+    __m256i x = _mm256_shuffle_epi8(_mm256_set1_epi32((int) u), sel); // byte e = byte e/8 of u
+    x = _mm256_cmpeq_epi8(_mm256_and_si256(x, bit), bit);
+    return _mm256_and_si256(x, _mm256_set1_epi8(0x10));
+}
+
+#define CH_Q8_0  0
+#define CH_Q4_0  1
+#define CH_Q4_1  2
+#define CH_Q5_0  3
+#define CH_Q5_1  4
+
+// decode one block: levels into f[4], returns scale, *m = offset (0 for symmetric types)
+static inline float ch_decode(int kind, const uint8_t * b, __m256 f[4], float * m) {
+    const ggml_fp16_t * hp = (const ggml_fp16_t *) b;
+    switch (kind) {
+        case CH_Q8_0: {
+            const int8_t * qs = (const int8_t *) (b + 2);
+            f[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) (qs +  0))));
+            f[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) (qs +  8))));
+            f[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) (qs + 16))));
+            f[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) (qs + 24))));
+            *m = 0.0f;
+            return ch_h2f(hp[0]);
+        }
+        case CH_Q4_0:
+            ch_i8x32_to_ps(_mm256_sub_epi8(ch_nibbles(b + 2), _mm256_set1_epi8(8)), f);
+            *m = 0.0f;
+            return ch_h2f(hp[0]);
+        case CH_Q4_1:
+            ch_i8x32_to_ps(ch_nibbles(b + 4), f); // levels 0..15: fine as signed bytes
+            *m = ch_h2f(hp[1]);
+            return ch_h2f(hp[0]);
+        case CH_Q5_0:
+            ch_i8x32_to_ps(_mm256_sub_epi8(_mm256_or_si256(ch_nibbles(b + 6), ch_bits_0x10(b + 2)),
+                                           _mm256_set1_epi8(16)), f);
+            *m = 0.0f;
+            return ch_h2f(hp[0]);
+        default: // CH_Q5_1
+            ch_i8x32_to_ps(_mm256_or_si256(ch_nibbles(b + 8), ch_bits_0x10(b + 4)), f);
+            *m = ch_h2f(hp[1]);
+            return ch_h2f(hp[0]);
+    }
+}
+
+static inline void ch_block_fma(int kind, const uint8_t * b, float c, __m256 a[4], float * bias) {
+    __m256 f[4];
+    float m;
+    const float d = ch_decode(kind, b, f, &m);
+    const __m256 cd = _mm256_set1_ps(c * d);
+    a[0] = _mm256_fmadd_ps(cd, f[0], a[0]);
+    a[1] = _mm256_fmadd_ps(cd, f[1], a[1]);
+    a[2] = _mm256_fmadd_ps(cd, f[2], a[2]);
+    a[3] = _mm256_fmadd_ps(cd, f[3], a[3]);
+    if (kind == CH_Q4_1 || kind == CH_Q5_1) {
+        *bias = CH_FMA(c, m, *bias);
+    }
+}
+
+static inline __attribute__((always_inline)) void ch_in_avx2_kind(const int kind, const char * w, size_t nb1, size_t ts,
+                                   const int32_t * idx, const float * c, int64_t na,
+                                   float * y, int64_t j0, int64_t j1) {
+    const int64_t tile = CH_TILE_COLS;
+    const bool has_m = kind == CH_Q4_1 || kind == CH_Q5_1;
+    float * bias = has_m ? ch_grow(&tls_deq, (tile / 32) * sizeof(float)) : NULL;
+    for (int64_t jt = j0; jt < j1; jt += tile) {
+        const int64_t nt = j1 - jt < tile ? j1 - jt : tile; // whole blocks: rows are whole blocks
+        const int64_t nb = nt / 32;
+        const size_t  off = (size_t) (jt / 32) * ts;
+        float * acc = y + jt;
+        memset(acc, 0, (size_t) nt * sizeof(float));
+        if (has_m) {
+            memset(bias, 0, (size_t) nb * sizeof(float));
+        }
+        float bdummy = 0.0f;
+        int64_t k = 0;
+        for (; k + 4 <= na; k += 4) {
+            const uint8_t * r0 = (const uint8_t *) w + (size_t) idx[k + 0] * nb1 + off;
+            const uint8_t * r1 = (const uint8_t *) w + (size_t) idx[k + 1] * nb1 + off;
+            const uint8_t * r2 = (const uint8_t *) w + (size_t) idx[k + 2] * nb1 + off;
+            const uint8_t * r3 = (const uint8_t *) w + (size_t) idx[k + 3] * nb1 + off;
+            if (k + 8 <= na) {
+                // next group's first lines: rows are random jumps for the hardware prefetcher
+                for (int q = 4; q < 8; q++) {
+                    const char * p = w + (size_t) idx[k + q] * nb1 + off;
+                    __builtin_prefetch(p, 0, 3);
+                    __builtin_prefetch(p + 64, 0, 3);
+                }
+            }
+            for (int64_t b = 0; b < nb; b++) {
+                __m256 a[4] = { _mm256_loadu_ps(acc + 32*b), _mm256_loadu_ps(acc + 32*b + 8),
+                                _mm256_loadu_ps(acc + 32*b + 16), _mm256_loadu_ps(acc + 32*b + 24) };
+                float * bb = has_m ? bias + b : &bdummy;
+                ch_block_fma(kind, r0 + b * ts, c[k + 0], a, bb);
+                ch_block_fma(kind, r1 + b * ts, c[k + 1], a, bb);
+                ch_block_fma(kind, r2 + b * ts, c[k + 2], a, bb);
+                ch_block_fma(kind, r3 + b * ts, c[k + 3], a, bb);
+                _mm256_storeu_ps(acc + 32*b,      a[0]);
+                _mm256_storeu_ps(acc + 32*b + 8,  a[1]);
+                _mm256_storeu_ps(acc + 32*b + 16, a[2]);
+                _mm256_storeu_ps(acc + 32*b + 24, a[3]);
+            }
+        }
+        for (; k < na; k++) {
+            const uint8_t * r0 = (const uint8_t *) w + (size_t) idx[k] * nb1 + off;
+            for (int64_t b = 0; b < nb; b++) {
+                __m256 a[4] = { _mm256_loadu_ps(acc + 32*b), _mm256_loadu_ps(acc + 32*b + 8),
+                                _mm256_loadu_ps(acc + 32*b + 16), _mm256_loadu_ps(acc + 32*b + 24) };
+                ch_block_fma(kind, r0 + b * ts, c[k], a, has_m ? bias + b : &bdummy);
+                _mm256_storeu_ps(acc + 32*b,      a[0]);
+                _mm256_storeu_ps(acc + 32*b + 8,  a[1]);
+                _mm256_storeu_ps(acc + 32*b + 16, a[2]);
+                _mm256_storeu_ps(acc + 32*b + 24, a[3]);
+            }
+        }
+        if (has_m) {
+            for (int64_t b = 0; b < nb; b++) {
+                const __m256 vb = _mm256_set1_ps(bias[b]);
+                for (int e = 0; e < 32; e += 8) {
+                    _mm256_storeu_ps(acc + 32*b + e, _mm256_add_ps(_mm256_loadu_ps(acc + 32*b + e), vb));
+                }
+            }
+        }
+    }
+}
+
+// ---- AVX2 fused convert + FMA for F32/F16/BF16 rows --------------------------------------------
+// Same values and the same FMA chain as the generic route (bit-identical to it), without the
+// round trip through scratch. Any column range (block size 1): scalar tail for the last < 8.
+
+#define CH_F32  0
+#define CH_F16  1
+#define CH_BF16 2
+
+static inline __m256 ch_load8(int kind, const char * row, int64_t j) {
+    if (kind == CH_F32) {
+        return _mm256_loadu_ps((const float *) row + j);
+    }
+    const __m128i h = _mm_loadu_si128((const __m128i *) ((const uint16_t *) row + j));
+    if (kind == CH_F16) {
+        return _mm256_cvtph_ps(h);
+    }
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static inline float ch_load1(int kind, const char * row, int64_t j) {
+    if (kind == CH_F32) {
+        return ((const float *) row)[j];
+    }
+    const uint16_t u = ((const uint16_t *) row)[j];
+    if (kind == CH_F16) {
+        return ch_h2f(u);
+    }
+    const uint32_t b = (uint32_t) u << 16;
+    float f;
+    memcpy(&f, &b, sizeof(f));
+    return f;
+}
+
+static inline __attribute__((always_inline)) void ch_in_avx2_fp(const int kind, const char * w, size_t nb1,
+        const int32_t * idx, const float * c, int64_t na, float * y, int64_t j0, int64_t j1) {
+    const int64_t tile = CH_TILE_COLS;
+    for (int64_t jt = j0; jt < j1; jt += tile) {
+        const int64_t je = j1 - jt < tile ? j1 : jt + tile;
+        memset(y + jt, 0, (size_t) (je - jt) * sizeof(float));
+        int64_t k = 0;
+        for (; k + 4 <= na; k += 4) {
+            const char * r0 = w + (size_t) idx[k + 0] * nb1, * r1 = w + (size_t) idx[k + 1] * nb1;
+            const char * r2 = w + (size_t) idx[k + 2] * nb1, * r3 = w + (size_t) idx[k + 3] * nb1;
+            const float c0 = c[k], c1 = c[k + 1], c2 = c[k + 2], c3 = c[k + 3];
+            const __m256 vc0 = _mm256_set1_ps(c0), vc1 = _mm256_set1_ps(c1);
+            const __m256 vc2 = _mm256_set1_ps(c2), vc3 = _mm256_set1_ps(c3);
+            int64_t j = jt;
+            for (; j + 8 <= je; j += 8) {
+                __m256 a = _mm256_loadu_ps(y + j);
+                a = _mm256_fmadd_ps(vc0, ch_load8(kind, r0, j), a);
+                a = _mm256_fmadd_ps(vc1, ch_load8(kind, r1, j), a);
+                a = _mm256_fmadd_ps(vc2, ch_load8(kind, r2, j), a);
+                a = _mm256_fmadd_ps(vc3, ch_load8(kind, r3, j), a);
+                _mm256_storeu_ps(y + j, a);
+            }
+            for (; j < je; j++) {
+                float a = y[j];
+                a = fmaf(c0, ch_load1(kind, r0, j), a);
+                a = fmaf(c1, ch_load1(kind, r1, j), a);
+                a = fmaf(c2, ch_load1(kind, r2, j), a);
+                a = fmaf(c3, ch_load1(kind, r3, j), a);
+                y[j] = a;
+            }
+        }
+        for (; k < na; k++) {
+            const char * r0 = w + (size_t) idx[k] * nb1;
+            const __m256 vc0 = _mm256_set1_ps(c[k]);
+            int64_t j = jt;
+            for (; j + 8 <= je; j += 8) {
+                _mm256_storeu_ps(y + j, _mm256_fmadd_ps(vc0, ch_load8(kind, r0, j), _mm256_loadu_ps(y + j)));
+            }
+            for (; j < je; j++) {
+                y[j] = fmaf(c[k], ch_load1(kind, r0, j), y[j]);
+            }
+        }
+    }
+}
+
+#define CH_DEF_FP(name, kind) \
+    static void name(const char * w, size_t nb1, size_t ts, const int32_t * idx, const float * c, \
+                     int64_t na, float * y, int64_t j0, int64_t j1) { \
+        (void) ts; \
+        ch_in_avx2_fp(kind, w, nb1, idx, c, na, y, j0, j1); \
+    }
+CH_DEF_FP(ch_in_avx2_f32,  CH_F32)
+CH_DEF_FP(ch_in_avx2_f16,  CH_F16)
+CH_DEF_FP(ch_in_avx2_bf16, CH_BF16)
+#undef CH_DEF_FP
+
+// one instantiation per type so `kind` is a compile-time constant inside the hot loop
+#define CH_DEF(name, kind) \
+    static void name(const char * w, size_t nb1, size_t ts, const int32_t * idx, const float * c, \
+                     int64_t na, float * y, int64_t j0, int64_t j1) { \
+        ch_in_avx2_kind(kind, w, nb1, ts, idx, c, na, y, j0, j1); \
+    }
+CH_DEF(ch_in_avx2_q8_0, CH_Q8_0)
+CH_DEF(ch_in_avx2_q4_0, CH_Q4_0)
+CH_DEF(ch_in_avx2_q4_1, CH_Q4_1)
+CH_DEF(ch_in_avx2_q5_0, CH_Q5_0)
+CH_DEF(ch_in_avx2_q5_1, CH_Q5_1)
+#undef CH_DEF
+#endif // CHESS_AVX2
+
+typedef void (*ch_in_fn)(const char *, size_t, size_t, const int32_t *, const float *, int64_t,
+                         float *, int64_t, int64_t);
+
+static bool ch_force_generic = false;
+
+void chess_kernels_force_generic(bool on) {
+    ch_force_generic = on;
+}
+
+static ch_in_fn ch_in_fast(enum ggml_type type, const char ** name) {
+#if defined(CHESS_AVX2)
+    switch (ch_force_generic ? GGML_TYPE_COUNT : type) {
+        case GGML_TYPE_F32:  *name = "avx2-f32";  return ch_in_avx2_f32;
+        case GGML_TYPE_F16:  *name = "avx2-f16";  return ch_in_avx2_f16;
+        case GGML_TYPE_BF16: *name = "avx2-bf16"; return ch_in_avx2_bf16;
+        case GGML_TYPE_Q8_0: *name = "avx2-q8_0"; return ch_in_avx2_q8_0;
+        case GGML_TYPE_Q4_0: *name = "avx2-q4_0"; return ch_in_avx2_q4_0;
+        case GGML_TYPE_Q4_1: *name = "avx2-q4_1"; return ch_in_avx2_q4_1;
+        case GGML_TYPE_Q5_0: *name = "avx2-q5_0"; return ch_in_avx2_q5_0;
+        case GGML_TYPE_Q5_1: *name = "avx2-q5_1"; return ch_in_avx2_q5_1;
+        default: break;
+    }
+#else
+    (void) type;
+#endif
+    *name = "generic";
+    return NULL;
+}
+
+const char * chess_in_sparse_route(enum ggml_type type) {
+    const char * name;
+    ch_in_fast(type, &name);
+    return name;
+}
+
+int64_t chess_in_sparse(const void * wt, enum ggml_type type, size_t nb1, int64_t n_in, int64_t n_out,
+                        const float * v, const float * thr, int64_t n_thr, float * y, int64_t j0, int64_t j1) {
+    (void) n_out;
+    int32_t * idx;
+    float   * c;
+    const int64_t na = ch_active(v, thr, n_thr, n_in, &idx, &c);
+    if (j1 <= j0) {
+        return na;
+    }
+    const char * name;
+    const ch_in_fn fast = ch_in_fast(type, &name);
+    if (fast) {
+        fast((const char *) wt, nb1, ggml_type_size(type), idx, c, na, y, j0, j1);
+    } else {
+        ch_in_generic((const char *) wt, type, nb1, idx, c, na, y, j0, j1);
+    }
+    return na;
+}
+
+int64_t chess_in_sparse_ref(const void * wt, enum ggml_type type, size_t nb1, int64_t n_in, int64_t n_out,
+                            const float * v, const float * thr, int64_t n_thr, float * y, int64_t j0, int64_t j1) {
+    float * row = malloc((size_t) n_out * sizeof(float));
+    for (int64_t j = j0; j < j1; j++) {
+        y[j] = 0.0f;
+    }
+    int64_t na = 0;
+    for (int64_t i = 0; i < n_in; i++) {
+        const float vi = v[i];
+        if (!(vi != 0.0f && (!thr || fabsf(vi) >= ch_thr(thr, n_thr, i)))) {
+            continue;
+        }
+        na++;
+        const void * src = (const char *) wt + (size_t) i * nb1;
+        if (type == GGML_TYPE_F32) {
+            memcpy(row, src, (size_t) n_out * sizeof(float));
+        } else {
+            ggml_get_type_traits(type)->to_float(src, row, n_out); // whole row: simplest, it's a reference
+        }
+        for (int64_t j = j0; j < j1; j++) {
+            y[j] += vi * row[j];
+        }
+    }
+    free(row);
+    return na;
+}

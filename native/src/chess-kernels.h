@@ -1,0 +1,84 @@
+// CHESS sparse mat-vec kernels for ggml weights on the CPU.
+//
+// Conventions shared by all functions:
+// - One token per call. Output vectors (h, y) are full-length; a call writes only its own range,
+//   every element of that range, and nothing else. Ranges from chess_thread_range() can run
+//   concurrently (one per thread) with no barrier: there is no shared state between calls.
+// - Scratch memory is thread-local and grows on demand (never freed; a few KB per thread).
+// - The CPU type traits need ggml_cpu_init() once per process. Inside llama.cpp the CPU backend
+//   has already done it; stand-alone programs (tests, benchmarks) must call it themselves.
+// - Weights must be plain row-major ggml data (NOT the CPU backend's repacked layouts).
+// - Results are deterministic: each output element is computed by one thread with a fixed
+//   summation order, so they are bit-identical for any thread count / range split.
+#pragma once
+
+#include "ggml.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum chess_act {
+    CHESS_ACT_SILU = 0,
+    CHESS_ACT_GELU = 1, // tanh approximation, as ggml_gelu
+};
+
+// true if `type` has to_float (ggml-base) and a CPU vec_dot (ggml-cpu): usable by every kernel.
+bool chess_type_supported(enum ggml_type type);
+
+// Split [0, n) into nth chunks whose boundaries are multiples of `align` (the last chunk ends at
+// n); chunk for thread ith in [r0, r1), possibly empty. Use align = ggml_blck_size(type) for the
+// output columns of chess_in_sparse and align = 1 (or more, for locality) for chess_up_sparse rows.
+void chess_thread_range(int64_t n, int64_t align, int ith, int nth, int64_t * r0, int64_t * r1);
+
+// x converted to the type's vec_dot_type, as the up kernel wants it.
+// n_in must be a multiple of the block sizes of `type` and of its vec_dot_type.
+size_t chess_x_size   (enum ggml_type type, int64_t n_in);
+void   chess_prepare_x(enum ggml_type type, const float * x, void * xq, int64_t n_in);
+// Same, into a thread-local buffer (valid until this thread's next call of this function): lets
+// every thread of a custom op convert x itself instead of needing a separate graph node.
+const void * chess_prepare_x_tls(enum ggml_type type, const float * x, int64_t n_in);
+
+// Output-sparse up projection fused with the gate activation, one token, channel range [i0, i1):
+//   a_i = act(g_i); keep_i = |a_i| >= tau_i    (tau_i = tau[n_tau == 1 ? 0 : i]; tau NULL = keep all)
+//   h_i = keep_i ? a_i * dot(W_up[i,:], x) : 0
+// w_up: n_ff rows of n_in elements of `type`, row stride nb1 bytes. xq: from chess_prepare_x.
+// Returns the number of kept channels in [i0, i1).
+int64_t chess_up_sparse(const void * w_up, enum ggml_type type, size_t nb1, int64_t n_in,
+                        const float * g, const float * tau, int64_t n_tau, enum chess_act act,
+                        const void * xq, float * h, int64_t i0, int64_t i1);
+
+// Input-sparse mat-vec through a TRANSPOSED weight, output column range [j0, j1):
+//   active_i = v_i != 0 && |v_i| >= thr_i   (thr_i = thr[n_thr == 1 ? 0 : i]; thr NULL = no threshold)
+//   y_j = sum over active i of v_i * Wt[i, j]
+// wt: n_in rows of n_out elements of `type` (row i = input channel i), row stride nb1 bytes.
+// j0, j1: multiples of ggml_blck_size(type), except j1 == n_out.
+// Returns the number of active inputs over all of [0, n_in) (the same for every range).
+int64_t chess_in_sparse(const void * wt, enum ggml_type type, size_t nb1, int64_t n_in, int64_t n_out,
+                        const float * v, const float * thr, int64_t n_thr, float * y, int64_t j0, int64_t j1);
+
+// Scalar references: rows dequantized with to_float, float x, plain float accumulation in
+// increasing index order. Slow; for tests.
+int64_t chess_up_sparse_ref(const void * w_up, enum ggml_type type, size_t nb1, int64_t n_in,
+                            const float * g, const float * tau, int64_t n_tau, enum chess_act act,
+                            const float * x, float * h, int64_t i0, int64_t i1);
+int64_t chess_in_sparse_ref(const void * wt, enum ggml_type type, size_t nb1, int64_t n_in, int64_t n_out,
+                            const float * v, const float * thr, int64_t n_thr, float * y, int64_t j0, int64_t j1);
+
+// The gate activation exactly as the kernels compute it (for calibration / statistics code).
+float chess_act_apply(enum chess_act act, float g);
+
+// Name of the chess_in_sparse route taken for `type` ("avx2-q4_0", "generic", ...), for logs.
+const char * chess_in_sparse_route(enum ggml_type type);
+
+// Test/benchmark hook: route chess_in_sparse through the generic (to_float) path for every type.
+// Process-wide; set it only while no kernel runs.
+void chess_kernels_force_generic(bool on);
+
+#ifdef __cplusplus
+}
+#endif

@@ -64,6 +64,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+    from .inspect import inspect, print_report
+
+    res = inspect(args.model, args.text, threads=args.threads)
+    if args.json:
+        res.pop("thresholds")
+        print(json.dumps(res))
+    else:
+        print_report(res)
+    return 0
+
+
 def cmd_libdir(args: argparse.Namespace) -> int:
     from .interop import lib_dir
     print(lib_dir())
@@ -112,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     c.set_defaults(fn=cmd_convert)
 
+    i = sub.add_parser("inspect", help="show a CHESS file's metadata, thresholds and realised sparsity",
+                       description="Print the CHESS metadata and per-layer threshold statistics of a converted "
+                                   "GGUF; with --text, measure the realised sparsity per layer and overall (FFN, "
+                                   "W_q input, W_o input) on that text for every stored level.")
+    i.add_argument("model", help="CHESS GGUF file")
+    i.add_argument("--text", help="text file to measure realised sparsity on")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+    i.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    i.set_defaults(fn=cmd_inspect)
+
     d = sub.add_parser("libdir", help="print the folder of the patched libllama (for LLAMA_CPP_LIB_PATH)")
     d.set_defaults(fn=cmd_libdir)
     return ap
@@ -125,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, RuntimeError_, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # output piped into e.g. `head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

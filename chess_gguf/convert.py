@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType as QT, GGUFValueType as VT
 
 from . import __version__
 from . import gguf_io
-from .calibrate import CalibStats, arch_of, calibrate
+from .calibrate import SUPPORTED_ARCHS, CalibStats, arch_of, calibrate
 from .runtime import Model, quantize_rows
 from .thresholds import channel_stat, check_levels, chess_thresholds, realised_sparsity, scalar_thresholds
 
@@ -166,6 +166,10 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
     if gguf_io.field_value(reader, "chess.version") is not None and not opt.force:
         raise ValueError(f"{inp_p}: already a CHESS file (use --force to convert it again)")
     check_paths(inp_p, out_p, opt.force)
+    arch = gguf_io.field_value(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise ValueError(f"{inp_p}: architecture {arch!r} is not supported "
+                         f"(supported: {', '.join(sorted(SUPPORTED_ARCHS))})")
     wt_type = None
     if opt.wt_type:
         try:

@@ -60,12 +60,12 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def write_with_extras(reader: GGUFReader, out: Path, kv: dict[str, tuple[Any, GGUFValueType, Optional[GGUFValueType]]],
-                      tensors: list[tuple[str, np.ndarray, Optional[GGMLQuantizationType], Optional[list[int]]]],
+                      tensors: list[tuple[str, np.ndarray, Optional[GGMLQuantizationType]]],
                       *, progress: bool = True) -> None:
     """Write reader's keys and tensors (minus any old CHESS content) plus `kv` and `tensors`.
 
-    tensors: (name, data, raw_dtype, raw_shape); quantized data is uint8 bytes with raw_shape given as
-    the numpy-order element shape [ne1, ne0].
+    tensors: (name, data, raw_dtype); raw_dtype None for float arrays, else data is uint8 bytes of shape
+    [rows, bytes per row].
     """
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -91,15 +91,14 @@ def write_with_extras(reader: GGUFReader, out: Path, kv: dict[str, tuple[Any, GG
                     w.add_tensor(t.name, t.data, raw_shape=shape, raw_dtype=t.tensor_type)
                 else:
                     w.add_tensor(t.name, t.data, raw_shape=list(t.data.shape), raw_dtype=t.tensor_type)
-            for name, data, raw_dtype, raw_shape in tensors:
+            for name, data, raw_dtype in tensors:
                 if raw_dtype is None:
                     w.add_tensor(name, data)
                 else:
-                    w.add_tensor(name, data, raw_shape=raw_shape, raw_dtype=raw_dtype)
+                    w.add_tensor(name, data, raw_shape=list(data.shape), raw_dtype=raw_dtype)
             w.write_header_to_file()
             w.write_kv_data_to_file()
-            w.write_ti_data_to_file()
-            w.write_tensors_to_file(progress=progress)
+            w.write_tensors_to_file(progress=progress)  # writes the tensor infos first
             w.close()
             os.replace(tmp, out)
         except BaseException:

@@ -22,17 +22,19 @@ STAT_KEYS = ("gate", "up", "ffn_norm", "attn_norm", "kqv_out")
 
 
 @contextlib.contextmanager
-def _cached_tensor_name_map():
-    # transformers rebuilds gguf's TensorNameMap once per submodule (~400x, ~7 s of a 16 s
-    # load); the map is read-only there, so memoise it for the duration of the load.
+def _faster_gguf_load():
+    # Load-time only: transformers rebuilds gguf's TensorNameMap once per submodule (~400x,
+    # ~7 s of SmolLM2's 16 s load) and parses the GGUF metadata (the whole vocabulary) twice.
+    # Both are used read-only, so memoise them while from_pretrained runs.
     import gguf
 
-    orig = gguf.get_tensor_name_map
-    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(orig)
+    saved = gguf.get_tensor_name_map, gguf.GGUFReader
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(saved[0])
+    gguf.GGUFReader = functools.lru_cache(maxsize=None)(saved[1])
     try:
         yield
     finally:
-        gguf.get_tensor_name_map = orig
+        gguf.get_tensor_name_map, gguf.GGUFReader = saved
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,7 +42,7 @@ def _load_model(gguf_path: str):
     from transformers import AutoModelForCausalLM
 
     folder, name = os.path.split(os.path.abspath(gguf_path))
-    with _cached_tensor_name_map():
+    with _faster_gguf_load():
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     model.eval()
     model.requires_grad_(False)
@@ -128,6 +130,8 @@ def thresholds_from_stats(stats: dict, sparsity: float, ffn_stat: str = "mean_ab
     ffn_stat picks the CHESS channel statistic m_i: "mean_abs" = E|u_i|, "rms" = RMS(u_i).
     Pools all tokens into one quantile (the paper's code averages per-document quantiles).
     """
+    if ffn_stat not in ("mean_abs", "rms"):
+        raise ValueError(f"unknown ffn_stat {ffn_stat!r}")
     act, out = activation(stats["act"]), []
     for st in stats["layers"]:
         g = np.abs(act(torch.from_numpy(st["gate"])).numpy()).astype(np.float64)

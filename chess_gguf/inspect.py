@@ -74,7 +74,7 @@ def measure_text(path: str, text: str, info: dict, *, ctx: int = 512, threads: O
     def on(name, x):
         k, il = node.match(name).groups()
         il = int(il)
-        x = np.abs(x[skip:])
+        x = x[skip:]
         d = L[il]
         if k == "ffn_gate":
             a = np.abs(act(x, kind))
@@ -86,6 +86,7 @@ def measure_text(path: str, text: str, info: dict, *, ctx: int = 512, threads: O
             tot["ffn"][il] += a.size
             tot["ffn_cats"][il] += a.size
         else:
+            x = np.abs(x)
             part, key = ("attn_q", "chess_thr_q") if k == "attn_norm" else ("attn_o", "chess_thr_o")
             if key in d:
                 for lv in range(n_lv):

@@ -27,7 +27,8 @@ enum chess_act {
     CHESS_ACT_GELU = 1, // tanh approximation, as ggml_gelu
 };
 
-// true if `type` has to_float (ggml-base) and a CPU vec_dot (ggml-cpu): usable by every kernel.
+// true if `type` has to_float (ggml-base; F32 needs none), a CPU vec_dot and a from_float for its
+// vec_dot_type (ggml-cpu): then every kernel below works for it.
 bool chess_type_supported(enum ggml_type type);
 
 // Split [0, n) into nth chunks whose boundaries are multiples of `align` (the last chunk ends at

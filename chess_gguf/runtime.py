@@ -175,6 +175,15 @@ llama_token llama_sampler_sample(struct llama_sampler * smpl, struct llama_conte
 void llama_sampler_accept(struct llama_sampler * smpl, llama_token token);
 void llama_sampler_free(struct llama_sampler * smpl);
 struct llama_perf_context_data llama_perf_context(const struct llama_context * ctx);
+int32_t llama_chess_n_levels(const struct llama_model * model);
+float llama_chess_level(const struct llama_model * model, int32_t i);
+float llama_chess_default_level(const struct llama_model * model);
+int32_t llama_chess_set(struct llama_context * ctx, const char * method, const char * level, const char * prefill);
+const char * llama_chess_method(const struct llama_context * ctx);
+float llama_chess_current_level(const struct llama_context * ctx);
+int32_t llama_chess_prefill_masked(const struct llama_context * ctx);
+int32_t llama_chess_stats(const struct llama_context * ctx, uint64_t * n_tokens, uint64_t * kept, uint64_t * total, int32_t n);
+void llama_chess_stats_reset(struct llama_context * ctx);
 void llama_perf_context_reset(struct llama_context * ctx);
 """
 
@@ -376,6 +385,17 @@ class Model:
     def is_eog(self, token: int) -> bool:
         return bool(self._L.llama.llama_vocab_is_eog(self.vocab, token))
 
+    @property
+    def chess_levels(self) -> list[float]:
+        """CHESS levels stored in the file ([] for a stock GGUF)."""
+        n = self._L.llama.llama_chess_n_levels(self.ptr)
+        return [round(float(self._L.llama.llama_chess_level(self.ptr, i)), 6) for i in range(n)]
+
+    @property
+    def chess_default_level(self) -> Optional[float]:
+        v = float(self._L.llama.llama_chess_default_level(self.ptr))
+        return None if v < 0 else round(v, 6)
+
 
 # An eval callback receives (name, array) for every graph node it asked for; `wants(name)`
 # decides which nodes to copy out. Arrays are float32 with shape [n_tokens, width].
@@ -453,6 +473,51 @@ class Context:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # --- CHESS controls (the patched runtime; a stock model has none) ---------------------------
+    def chess_set(self, method: Optional[str] = None, level: Optional[str | float] = None,
+                  prefill: Optional[str] = None) -> None:
+        """method: chess | chess-ffn | cats; level: "off", "default" or a stored level; prefill: dense | masked."""
+        L, ffi = self._L, self._L.ffi
+        enc = lambda v: ffi.NULL if v is None else str(v).encode()  # noqa: E731
+        rc = L.llama.llama_chess_set(self.ptr, enc(method), enc(level), enc(prefill))
+        if rc == -2:
+            raise RuntimeError_(f"{self.model.path}: not a CHESS model (convert it first)")
+        if rc != 0:
+            raise ValueError(L.last_error() or f"bad CHESS setting method={method} level={level} prefill={prefill}")
+
+    @property
+    def chess_method(self) -> str:
+        return self._L.ffi.string(self._L.llama.llama_chess_method(self.ptr)).decode()
+
+    @property
+    def chess_level(self) -> Optional[float]:
+        v = float(self._L.llama.llama_chess_current_level(self.ptr))
+        return None if v < 0 else round(v, 6)
+
+    @property
+    def chess_prefill_masked(self) -> bool:
+        return bool(self._L.llama.llama_chess_prefill_masked(self.ptr))
+
+    def chess_stats(self) -> dict:
+        """Counters since the last reset: sparse tokens, and kept/total per layer for ffn, attn_q, attn_o."""
+        L, ffi = self._L, self._L.ffi
+        n = 3 * self.model.n_layer
+        tok = ffi.new("uint64_t *")
+        kept, total = ffi.new("uint64_t[]", n), ffi.new("uint64_t[]", n)
+        L.llama.llama_chess_stats(self.ptr, tok, kept, total, n)
+        k = np.array(list(kept), dtype=np.float64).reshape(-1, 3)
+        t = np.array(list(total), dtype=np.float64).reshape(-1, 3)
+        out = {"tokens": int(tok[0])}
+        for j, part in enumerate(("ffn", "attn_q", "attn_o")):
+            with np.errstate(invalid="ignore", divide="ignore"):
+                per_layer = np.where(t[:, j] > 0, 1.0 - k[:, j] / np.maximum(t[:, j], 1), np.nan)
+            out[part] = {"sparsity": float(1.0 - k[:, j].sum() / t[:, j].sum()) if t[:, j].sum() else None,
+                         "per_layer": per_layer.tolist()}
+        return out
+
+    def chess_stats_reset(self) -> None:
+        self._L.llama.llama_chess_stats_reset(self.ptr)
 
     def set_threads(self, n: int) -> None:
         self._L.llama.llama_set_n_threads(self.ptr, n, n)

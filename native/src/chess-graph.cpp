@@ -1,0 +1,236 @@
+#include "chess-graph.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+
+chess_state::chess_state(std::vector<float> lv, float def, std::vector<chess_layer> ls)
+    : levels(std::move(lv)), default_level(def), layers(std::move(ls)) {
+    const size_t n = layers.size() * CHESS_N_PARTS;
+    kept.reset(new std::atomic<uint64_t>[n]);
+    total.reset(new std::atomic<uint64_t>[n]);
+    reset_stats();
+    params.resize(layers.size() * (CHESS_N_PARTS + 1));
+    for (size_t il = 0; il < layers.size(); ++il) {
+        for (int p = 0; p <= CHESS_N_PARTS; ++p) {
+            auto & op = params[il * (CHESS_N_PARTS + 1) + p];
+            op.st = this;
+            op.layer = (int) il;
+            op.part = p < CHESS_N_PARTS ? p : -1; // the last slot is the (uncounted) FFN down op
+        }
+    }
+    for (size_t i = 0; i < levels.size(); ++i) {
+        if (levels[i] == default_level) {
+            level = (int) i;
+        }
+    }
+}
+
+void chess_state::reset_stats() {
+    for (size_t i = 0; i < layers.size() * CHESS_N_PARTS; ++i) {
+        kept[i] = 0;
+        total[i] = 0;
+    }
+    n_tokens = 0;
+}
+
+const char * chess_state::method_name() const {
+    switch (method) {
+        case CHESS_METHOD_CHESS: return "chess";
+        case CHESS_METHOD_FFN:   return "chess-ffn";
+        case CHESS_METHOD_CATS:  return "cats";
+    }
+    return "?";
+}
+
+std::string chess_state::set(const char * m, const char * lv, const char * pf) {
+    // validate everything before changing anything
+    chess_method new_method = method;
+    int new_level = level;
+    bool new_prefill = prefill_masked;
+    if (m) {
+        if      (!strcmp(m, "chess"))     new_method = CHESS_METHOD_CHESS;
+        else if (!strcmp(m, "chess-ffn")) new_method = CHESS_METHOD_FFN;
+        else if (!strcmp(m, "cats"))      new_method = CHESS_METHOD_CATS;
+        else return std::string("CHESS_METHOD: unknown method '") + m + "' (expected chess, chess-ffn or cats)";
+    }
+    if (lv) {
+        std::string stored;
+        for (float l : levels) {
+            stored += (stored.empty() ? "" : ", ") + std::to_string(l).substr(0, 4);
+        }
+        if (!strcmp(lv, "off")) {
+            new_level = -1;
+        } else if (!strcmp(lv, "default")) {
+            new_level = -1;
+            for (size_t i = 0; i < levels.size(); ++i) {
+                if (levels[i] == default_level) new_level = (int) i;
+            }
+        } else {
+            char * end = nullptr;
+            const double v = strtod(lv, &end);
+            new_level = -2;
+            if (end != lv && *end == '\0') {
+                for (size_t i = 0; i < levels.size(); ++i) {
+                    if (std::fabs(levels[i] - v) < 1e-4) new_level = (int) i;
+                }
+            }
+            if (new_level == -2) {
+                return std::string("CHESS_LEVEL: '") + lv + "' is not a level stored in this model (stored: " + stored +
+                       "; or off, default)";
+            }
+        }
+    }
+    if (pf) {
+        if      (!strcmp(pf, "dense"))  new_prefill = false;
+        else if (!strcmp(pf, "masked")) new_prefill = true;
+        else return std::string("CHESS_PREFILL: unknown mode '") + pf + "' (expected dense or masked)";
+    }
+    method = new_method;
+    level = new_level;
+    prefill_masked = new_prefill;
+    return "";
+}
+
+std::string chess_state::set_from_env() {
+    return set(getenv("CHESS_METHOD"), getenv("CHESS_LEVEL"), getenv("CHESS_PREFILL"));
+}
+
+bool chess_state::active(int il, chess_part part, int64_t n_tokens) const {
+    if (level < 0 || il < 0 || il >= (int) layers.size() || (n_tokens > 1 && !prefill_masked)) {
+        return false;
+    }
+    const chess_layer & L = layers[il];
+    switch (part) {
+        case CHESS_PART_FFN:
+            return L.wt_down && (method == CHESS_METHOD_CATS ? L.ffn_cats != nullptr : L.ffn_tau != nullptr);
+        case CHESS_PART_Q:
+            return method == CHESS_METHOD_CHESS && L.wt_q && L.thr_q;
+        case CHESS_PART_O:
+            return method == CHESS_METHOD_CHESS && L.wt_o && L.thr_o;
+        default:
+            return false;
+    }
+}
+
+static void count(const chess_op_params * p, uint64_t kept, uint64_t total) {
+    if (p->part < 0) {
+        return;
+    }
+    const size_t i = (size_t) p->layer * CHESS_N_PARTS + p->part;
+    p->st->kept[i].fetch_add(kept, std::memory_order_relaxed);
+    if (total) {
+        p->st->total[i].fetch_add(total, std::memory_order_relaxed);
+    }
+}
+
+// src: 0 gate pre-activation f32 [n_ff, T], 1 x f32 [n_in, T], 2 W_up [n_in, n_ff], 3 tau f32 [n_ff] or [1]
+static void chess_up_op(ggml_tensor * dst, int ith, int nth, void * ud) {
+    const auto * p = (const chess_op_params *) ud;
+    const ggml_tensor * g = dst->src[0], * x = dst->src[1], * w = dst->src[2], * tau = dst->src[3];
+    const int64_t n_ff = dst->ne[0], n_tok = dst->ne[1], n_in = x->ne[0];
+    int64_t i0, i1;
+    chess_thread_range(n_ff, 16, ith, nth, &i0, &i1); // 16 floats = one cache line of h
+    uint64_t kept = 0;
+    for (int64_t t = 0; t < n_tok; ++t) {
+        const float * xt = (const float *) ((const char *) x->data + t * x->nb[1]);
+        const void * xq = chess_prepare_x_tls(w->type, xt, n_in);
+        kept += chess_up_sparse(w->data, w->type, w->nb[1], n_in,
+                                (const float *) ((const char *) g->data + t * g->nb[1]),
+                                (const float *) tau->data, tau->ne[0], p->act, xq,
+                                (float *) ((char *) dst->data + t * dst->nb[1]), i0, i1);
+    }
+    count(p, kept, ith == 0 ? (uint64_t) (n_ff * n_tok) : 0);
+    if (ith == 0 && p->layer == 0) {
+        p->st->n_tokens.fetch_add(n_tok, std::memory_order_relaxed);
+    }
+}
+
+// src: 0 v f32 [n_in, T], 1 Wt [n_out, n_in], 2 (optional) thr f32 [1] or [n_in]
+static void chess_in_op(ggml_tensor * dst, int ith, int nth, void * ud) {
+    const auto * p = (const chess_op_params *) ud;
+    const ggml_tensor * v = dst->src[0], * wt = dst->src[1], * thr = dst->src[2];
+    const int64_t n_in = v->ne[0], n_out = dst->ne[0], n_tok = dst->ne[1];
+    int64_t j0, j1;
+    chess_thread_range(n_out, ggml_blck_size(wt->type), ith, nth, &j0, &j1);
+    uint64_t active = 0;
+    for (int64_t t = 0; t < n_tok; ++t) {
+        active += chess_in_sparse(wt->data, wt->type, wt->nb[1], n_in, n_out,
+                                  (const float *) ((const char *) v->data + t * v->nb[1]),
+                                  thr ? (const float *) thr->data : nullptr, thr ? thr->ne[0] : 0,
+                                  (float *) ((char *) dst->data + t * dst->nb[1]), j0, j1);
+    }
+    if (ith == 0) { // every thread sees the same active count
+        count(p, active, (uint64_t) (n_in * n_tok));
+    }
+}
+
+static chess_op_params * op_params(chess_state * st, int il, int slot) {
+    return &st->params[(size_t) il * (CHESS_N_PARTS + 1) + slot];
+}
+
+ggml_tensor * chess_build_ffn(ggml_context * ctx, chess_state * st, int il, ggml_tensor * x,
+                              ggml_tensor * gate, ggml_tensor * up, enum chess_act act, const chess_name_cb & cb) {
+    const int64_t n_tok = x->ne[1];
+    if (!st || !st->active(il, CHESS_PART_FFN, n_tok) || !gate || !up || x->type != GGML_TYPE_F32 ||
+        !chess_type_supported(up->type) || !chess_type_supported(st->layers[il].wt_down->type)) {
+        return nullptr;
+    }
+    const chess_layer & L = st->layers[il];
+    const int64_t n_ff = up->ne[1];
+    ggml_tensor * thr = st->method == CHESS_METHOD_CATS
+        ? ggml_view_1d(ctx, L.ffn_cats, 1, st->level * sizeof(float))
+        : ggml_view_1d(ctx, L.ffn_tau, n_ff, st->level * L.ffn_tau->nb[1]);
+    if (!ggml_is_contiguous(x)) {
+        x = ggml_cont(ctx, x);
+    }
+    ggml_tensor * g = ggml_mul_mat(ctx, gate, x);
+    cb(g, "ffn_gate", il);
+    chess_op_params * pu = op_params(st, il, CHESS_PART_FFN);
+    pu->act = act;
+    ggml_tensor * args_up[4] = { g, x, up, thr };
+    ggml_tensor * h = ggml_custom_4d(ctx, GGML_TYPE_F32, n_ff, n_tok, 1, 1, args_up, 4, chess_up_op,
+                                     GGML_N_TASKS_MAX, pu);
+    cb(h, "ffn_chess_h", il);
+    ggml_tensor * args_down[2] = { h, L.wt_down };
+    ggml_tensor * y = ggml_custom_4d(ctx, GGML_TYPE_F32, L.wt_down->ne[0], n_tok, 1, 1, args_down, 2, chess_in_op,
+                                     GGML_N_TASKS_MAX, op_params(st, il, CHESS_N_PARTS));
+    cb(y, "ffn_chess_down", il);
+    return y;
+}
+
+ggml_tensor * chess_build_proj(ggml_context * ctx, chess_state * st, const ggml_tensor * w, ggml_tensor * v,
+                               const chess_name_cb & cb) {
+    if (!st || st->level < 0 || v->type != GGML_TYPE_F32) {
+        return nullptr;
+    }
+    int il = -1;
+    chess_part part = CHESS_PART_Q;
+    for (size_t i = 0; i < st->layers.size() && il < 0; ++i) {
+        if (st->layers[i].wq == w) { il = (int) i; part = CHESS_PART_Q; }
+        if (st->layers[i].wo == w) { il = (int) i; part = CHESS_PART_O; }
+    }
+    if (il < 0 || !st->active(il, part, ggml_nrows(v))) {
+        return nullptr;
+    }
+    const chess_layer & L = st->layers[il];
+    ggml_tensor * wt  = part == CHESS_PART_Q ? L.wt_q : L.wt_o;
+    ggml_tensor * thr = part == CHESS_PART_Q ? L.thr_q : L.thr_o;
+    if (!chess_type_supported(wt->type)) {
+        return nullptr;
+    }
+    if (!ggml_is_contiguous(v)) {
+        v = ggml_cont(ctx, v);
+    }
+    if (ggml_n_dims(v) > 2) {
+        v = ggml_reshape_2d(ctx, v, v->ne[0], ggml_nrows(v));
+    }
+    GGML_ASSERT(v->ne[0] == wt->ne[1]);
+    ggml_tensor * thr_view = ggml_view_1d(ctx, thr, 1, st->level * sizeof(float));
+    ggml_tensor * args[3] = { v, wt, thr_view };
+    ggml_tensor * y = ggml_custom_4d(ctx, GGML_TYPE_F32, wt->ne[0], v->ne[1], 1, 1, args, 3, chess_in_op,
+                                     GGML_N_TASKS_MAX, op_params(st, il, part));
+    cb(y, part == CHESS_PART_Q ? "attn_q_chess" : "attn_o_chess", il);
+    return y;
+}

@@ -14,7 +14,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model = Model(args.model)
     ctx = Context(model, n_ctx=args.ctx, n_threads=args.threads)
+    chess = model.chess_levels
+    if args.level is not None or args.method is not None or args.prefill is not None:
+        if not chess:
+            raise ValueError(f"{args.model}: --level/--method/--prefill need a CHESS model "
+                             f"(convert it with `python -m chess_gguf convert`)")
+        ctx.chess_set(args.method, args.level, args.prefill)
     prompt = model.tokenize(args.prompt, add_special=True)
+    ctx.chess_stats_reset() if chess else None
     sampler = Sampler(temp=args.temp, seed=args.seed)
     out = sys.stdout
     out.write(args.prompt)
@@ -41,7 +48,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out.write(pending.decode("utf-8", "replace") + "\n")
     pp = len(prompt) / (t1 - t0)
     tg = n_gen / (t2 - t1) if n_gen else 0.0
-    print(f"\n[prompt: {len(prompt)} tokens, {pp:.1f} tok/s | generation: {n_gen} tokens, {tg:.1f} tok/s | "
+    mode = "dense (stock model)"
+    if chess:
+        lv = ctx.chess_level
+        mode = "CHESS off" if lv is None else f"{ctx.chess_method} level {lv:g}"
+        st = ctx.chess_stats()
+        if lv is not None and st["tokens"]:
+            parts = [f"{k} {st[k]['sparsity']:.2f}" for k in ("ffn", "attn_q", "attn_o") if st[k]["sparsity"] is not None]
+            mode += " (realised sparsity " + ", ".join(parts) + ")"
+    print(f"\n[{mode} | prompt: {len(prompt)} tokens, {pp:.1f} tok/s | generation: {n_gen} tokens, {tg:.1f} tok/s | "
           f"threads: {ctx.n_threads}]", file=sys.stderr)
     return 0
 
@@ -99,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     g.add_argument("--ctx", type=int, default=2048, help="context size (default 2048)")
+    g.add_argument("--level", default=None,
+                   help="CHESS level: off, default or a level stored in the file (default: $CHESS_LEVEL or the file's)")
+    g.add_argument("--method", choices=["chess", "chess-ffn", "cats"], default=None,
+                   help="CHESS method (default: $CHESS_METHOD or chess)")
+    g.add_argument("--prefill", choices=["dense", "masked"], default=None,
+                   help="prompt processing: dense (default) or masked like decoding")
     g.set_defaults(fn=cmd_generate)
 
     c = sub.add_parser("convert", help="calibrate a GGUF model and write a CHESS GGUF beside it",

@@ -237,7 +237,7 @@ class _Lib:
         # Keep a short tail of the log: loader errors are reported inside our exceptions.
         self.log_lines.append(s)
         del self.log_lines[:-64]
-        if self.verbose or level == 4:  # GGML_LOG_LEVEL_ERROR
+        if self.verbose:
             sys.stderr.write(s)
 
     def last_error(self) -> str:
@@ -480,11 +480,13 @@ class Context:
         """method: chess | chess-ffn | cats; level: "off", "default" or a stored level; prefill: dense | masked."""
         L, ffi = self._L, self._L.ffi
         enc = lambda v: ffi.NULL if v is None else str(v).encode()  # noqa: E731
+        L.log_lines.clear()
         rc = L.llama.llama_chess_set(self.ptr, enc(method), enc(level), enc(prefill))
         if rc == -2:
             raise RuntimeError_(f"{self.model.path}: not a CHESS model (convert it first)")
-        if rc != 0:
-            raise ValueError(L.last_error() or f"bad CHESS setting method={method} level={level} prefill={prefill}")
+        if rc != 0:  # the runtime logged the reason
+            why = L.log_lines[-1].strip().split(": ", 1)[-1] if L.log_lines else "bad CHESS setting"
+            raise ValueError(why)
 
     @property
     def chess_method(self) -> str:

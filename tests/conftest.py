@@ -32,3 +32,33 @@ def smol(smol_path):
     m = Model(smol_path)
     yield m
     m.close()
+
+
+def run_cli(*args, env=None, **kw):
+    import os
+    import subprocess
+    import sys
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "chess_gguf", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, env=e, **kw)
+
+
+def _convert(src, out, *extra):
+    r = run_cli("convert", src, "-o", out, "--threads", "2", "-q", *extra)
+    if r.returncode != 0:
+        pytest.fail(f"convert {src} failed:\n{r.stderr}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def smol_chess(smol_path, tmp_path_factory):
+    """SmolLM2 converted once per test session (16k calibration tokens, levels 0.3/0.5/0.7)."""
+    out = tmp_path_factory.mktemp("smol") / "smol.chess.gguf"
+    return _convert(smol_path, out, "--calib-tokens", "16384", "--levels", "0.3,0.5,0.7")
+
+
+@pytest.fixture(scope="session")
+def qwen_chess(qwen_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("qwen") / "qwen.chess.gguf"
+    return _convert(qwen_path, out, "--calib-tokens", "8192", "--levels", "0.5,0.7")

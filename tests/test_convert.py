@@ -120,13 +120,17 @@ def _cli(*args, **kw):
 
 
 @pytest.fixture(scope="module")
-def converted(smol_path, tmp_path_factory):
-    out = tmp_path_factory.mktemp("conv") / "smol.chess.gguf"
-    r = _cli("convert", str(smol_path), "-o", str(out), "--calib-tokens", "16384", "--levels", "0.3,0.5,0.7",
-             "--threads", "2", "-q")
+def converted(smol_chess):
+    return smol_chess
+
+
+def test_convert_prints_summary(smol_path, tmp_path):
+    r = _cli("convert", str(smol_path), "-o", str(tmp_path / "s.gguf"), "--calib-tokens", "1024", "--levels", "0.5",
+             "--threads", "2", "-q", "--no-attention")
     assert r.returncode == 0, r.stderr
-    assert "realised sparsity on the calibration text" in r.stdout
-    return out
+    assert "realised sparsity on the calibration text" in r.stdout and "+" in r.stdout
+    names = {t.name for t in GGUFReader(str(tmp_path / "s.gguf")).tensors}
+    assert "blk.0.chess_wt_down" in names and "blk.0.chess_wt_q" not in names and "blk.0.chess_thr_o" not in names
 
 
 def test_original_tensors_and_keys_byte_identical(smol_path, converted):
@@ -158,11 +162,10 @@ def test_transposed_copy_is_the_transpose(smol_path, converted):
         assert err < 0.15, (name, err)  # one extra Q4_1 rounding
 
 
-def test_converted_file_loads_and_generates_like_the_original(smol_path, converted):
-    """Until the sparse runtime lands, the patch loads and ignores CHESS tensors: same tokens."""
+def test_converted_file_at_level_off_generates_like_the_original(smol_path, converted):
     outs = []
-    for p in (smol_path, converted):
-        r = _cli("generate", str(p), "-p", "Water boils at", "-n", "12", "--threads", "2")
+    for p, extra in ((smol_path, []), (converted, ["--level", "off"])):
+        r = _cli("generate", str(p), "-p", "Water boils at", "-n", "12", "--threads", "2", *extra)
         assert r.returncode == 0, r.stderr
         outs.append(r.stdout)
     assert outs[0] == outs[1]

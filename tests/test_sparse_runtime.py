@@ -131,7 +131,15 @@ def test_same_tokens_for_any_thread_count(smol_chess):
 
 
 def _oracle(path, stock, n_tok):
-    """Runtime vs the torch reference of the same method (masks on all tokens, thresholds from the file)."""
+    """Runtime vs the torch reference of the same method (masks on all tokens, thresholds and the
+    requantized transposed weights from the file).
+
+    A thresholded model is far more sensitive to numerical noise than a dense one: a channel near its
+    threshold flips and the change cascades through the layers. Measured on SmolLM2 (128 tokens): a
+    0.3% random perturbation of the weights moves dense torch by KL 0.0014 but CATS/CHESS torch by
+    KL 0.12-0.13. So the runtime (Q8 activations in its matmuls: dense KL ~0.005 against torch) cannot
+    match the sparse reference as closely as dense matches dense; the test asks that it is much closer
+    to the reference of its own method than to the dense model, with the same realised sparsity."""
     torch_ref = pytest.importorskip("torch_ref")
     info = read_chess(str(path))
     k = info["levels"].index(0.5)
@@ -151,7 +159,8 @@ def _oracle(path, stock, n_tok):
             c.chess_set(method, "0.5", "masked")
             c.chess_stats_reset()
             rt = c.decode(toks, logits="all")
-            t, sp = torch_ref.forward_chess(hf, toks, thr, method, return_sparsity=True)
+            with torch_ref.sparse_weights(hf, path):  # the weights the sparse kernels multiply with
+                t, sp = torch_ref.forward_chess(hf, toks, thr, method, return_sparsity=True)
             res[method] = agreement(rt, t) + agreement(rt, t_dense)
             assert abs(c.chess_stats()["ffn"]["sparsity"] - float(np.mean(sp["ffn"]))) < 0.02
     print(path.name, {k: tuple(round(x, 4) for x in v) for k, v in res.items()})

@@ -223,3 +223,42 @@ def forward_chess(model, tokens, thresholds, method: str, return_sparsity: bool 
         return logits
     frac = {k: [z / tot if tot else 0.0 for z, tot in v] for k, v in counts.items()}
     return logits, frac
+
+
+@contextlib.contextmanager
+def sparse_weights(model, chess_path: str):
+    """Swap in the weights the sparse path really multiplies with: the CHESS file's requantized
+    transposed copies of W_down, W_q, W_o (dequantized, transposed back). With them the reference
+    computes the same sparse model as the runtime, so an oracle compares like with like.
+
+    transformers un-permutes llama's W_q rows (RoPE layout); the row order is recovered by matching
+    the original GGUF rows, which transformers dequantizes bit-exactly.
+    """
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    r = GGUFReader(str(chess_path))
+    tensors = {t.name: t for t in r.tensors}
+
+    def f32(name):
+        t = tensors[name]
+        return np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(int(t.shape[1]), int(t.shape[0]))
+
+    saved = []
+    try:
+        for il, layer in enumerate(_layers(model)):
+            mods = {"down": layer.mlp.down_proj, "q": layer.self_attn.q_proj, "o": layer.self_attn.o_proj}
+            for key, mod in mods.items():
+                wt = f32(f"blk.{il}.chess_wt_{key}").T  # [n_out, n_in], GGUF row order
+                if key == "q":
+                    orig = f32(f"blk.{il}.attn_q.weight")
+                    row_of = {orig[i].tobytes(): i for i in range(orig.shape[0])}
+                    hf = mod.weight.detach().numpy()
+                    perm = [row_of[hf[i].tobytes()] for i in range(hf.shape[0])]
+                    wt = wt[perm]
+                saved.append((mod, mod.weight.data.clone()))
+                mod.weight.data = torch.from_numpy(np.ascontiguousarray(wt))
+        yield model
+    finally:
+        for mod, w in saved:
+            mod.weight.data = w

@@ -16,7 +16,8 @@ from . import __version__
 from . import gguf_io
 from .calibrate import SUPPORTED_ARCHS, CalibStats, arch_of, calibrate
 from .runtime import Model, quantize_rows
-from .thresholds import channel_stat, check_levels, chess_thresholds, realised_sparsity, scalar_thresholds
+from .thresholds import (channel_stat, check_levels, hist_chess_thresholds, hist_fraction_below,
+                         hist_scalar_thresholds)
 
 FORMAT_VERSION = 1
 
@@ -56,7 +57,6 @@ class Options:
     force: bool = False
     wt_type: Optional[str] = None
     progress: bool = True
-    max_rows: int = 8192
 
 
 def default_output(inp: Path) -> Path:
@@ -93,28 +93,26 @@ def compute_thresholds(st: CalibStats, levels: Sequence[float], stat: str) -> li
     """Per layer: CHESS tau [n_levels, n_ff], CATS [n_levels], attention q/o [n_levels], and m."""
     out = []
     for L in st.layers:
-        a = L.a.astype(np.float32)
         m = channel_stat(L.sum_abs_u, L.sum_sq_u, st.n_tokens, stat)
         out.append({
             "m": m,
-            "ffn_tau": chess_thresholds(a, m, levels),
-            "ffn_cats": scalar_thresholds(a, levels),
-            "attn_q": scalar_thresholds(L.q.astype(np.float32), levels),
-            "attn_o": scalar_thresholds(L.o.astype(np.float32), levels),
+            "ffn_tau": hist_chess_thresholds(L.hist_a, m, levels),
+            "ffn_cats": hist_scalar_thresholds(L.hist_cats, levels),
+            "attn_q": hist_scalar_thresholds(L.hist_q, levels),
+            "attn_o": hist_scalar_thresholds(L.hist_o, levels),
         })
     return out
 
 
 def calib_sparsity(st: CalibStats, thr: list[dict], levels: Sequence[float]) -> dict[str, np.ndarray]:
-    """Realised sparsity per [level, layer] on the calibration samples, per part."""
+    """Realised sparsity per [level, layer] on the calibration text (from the histograms), per part."""
     res = {k: np.zeros((len(levels), len(thr))) for k in ("chess", "cats", "attn_q", "attn_o")}
     for il, (L, t) in enumerate(zip(st.layers, thr)):
-        a = L.a.astype(np.float32)
         for k in range(len(levels)):
-            res["chess"][k, il] = realised_sparsity(a, t["ffn_tau"][k])
-            res["cats"][k, il] = realised_sparsity(a, t["ffn_cats"][k])
-            res["attn_q"][k, il] = realised_sparsity(L.q, t["attn_q"][k])
-            res["attn_o"][k, il] = realised_sparsity(L.o, t["attn_o"][k])
+            res["chess"][k, il] = hist_fraction_below(L.hist_a, t["ffn_tau"][k])
+            res["cats"][k, il] = hist_fraction_below(L.hist_cats, t["ffn_cats"][k])
+            res["attn_q"][k, il] = hist_fraction_below(L.hist_q, t["attn_q"][k])
+            res["attn_o"][k, il] = hist_fraction_below(L.hist_o, t["attn_o"][k])
     return res
 
 
@@ -183,7 +181,7 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
     tokens = model.tokenize(text, add_special=False)[: opt.calib_tokens]
     if len(tokens) < opt.calib_tokens:
         print(f"note: calibration text has only {len(tokens)} tokens (asked for {opt.calib_tokens})", file=sys.stderr)
-    st = calibrate(model, tokens, ctx=opt.ctx, threads=opt.threads, max_rows=opt.max_rows, progress=opt.progress)
+    st = calibrate(model, tokens, ctx=opt.ctx, threads=opt.threads, progress=opt.progress)
     t_calib = time.perf_counter() - t0
     n_layer = model.n_layer
     model.close()

@@ -1,8 +1,8 @@
 """`inspect`: CHESS metadata, per-layer threshold statistics, and realised sparsity on a text.
 
-Realised sparsity is measured on the runtime's own activations (eval callback on the dense
-graph): the fraction of FFN channels (|act(g_i)| < tau_i), W_q inputs and W_o inputs that each
-stored level drops, per layer and overall.
+Realised sparsity is read from the patched runtime's counters while it runs the sparse model on
+the text (masks on every token, CHESS_PREFILL=masked): the fraction of FFN channels, W_q inputs
+and W_o inputs each stored level drops, per layer and overall, and the FFN fraction under CATS.
 """
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ from typing import Optional
 import numpy as np
 
 from . import gguf_io
-from .calibrate import arch_of
 from .runtime import Context, Model
-from .thresholds import act
 
 TENSOR_RE = re.compile(r"^blk\.(\d+)\.(chess_\w+)$")
 
@@ -59,57 +57,32 @@ def threshold_summary(info: dict) -> list[dict]:
 
 
 def measure_text(path: str, text: str, info: dict, *, ctx: int = 512, threads: Optional[int] = None,
-                 max_tokens: int = 16384) -> dict:
-    """Realised sparsity per level and part ({"ffn", "ffn_cats", "attn_q", "attn_o"}) on a text."""
+                 max_tokens: int = 8192) -> dict:
+    """Realised sparsity per level and part ({"ffn", "ffn_cats", "attn_q", "attn_o"}) on a text,
+    read from the runtime's counters while it runs the sparse model with masks on every token."""
     model = Model(path)
-    _, kind = arch_of(model)
-    levels = info["levels"]
-    n_lv = len(levels)
-    L = info["layers"]
-    cnt = {p: np.zeros((n_lv, len(L))) for p in ("ffn", "ffn_cats", "attn_q", "attn_o")}
-    tot = {p: np.zeros(len(L)) for p in cnt}
-    node = re.compile(r"^(ffn_gate|attn_norm|kqv_out)-(\d+)$")
     skip = 1 if model.add_bos else 0
-
-    def on(name, x):
-        k, il = node.match(name).groups()
-        il = int(il)
-        x = x[skip:]
-        d = L[il]
-        if k == "ffn_gate":
-            a = np.abs(act(x, kind))
-            for lv in range(n_lv):
-                if "chess_ffn_tau" in d:
-                    cnt["ffn"][lv, il] += np.count_nonzero(a < d["chess_ffn_tau"][lv][None, :])
-                if "chess_ffn_cats" in d:
-                    cnt["ffn_cats"][lv, il] += np.count_nonzero(a < d["chess_ffn_cats"][lv][0])
-            tot["ffn"][il] += a.size
-            tot["ffn_cats"][il] += a.size
-        else:
-            x = np.abs(x)
-            part, key = ("attn_q", "chess_thr_q") if k == "attn_norm" else ("attn_o", "chess_thr_o")
-            if key in d:
-                for lv in range(n_lv):
-                    cnt[part][lv, il] += np.count_nonzero(x < d[key][lv][0])
-            tot[part][il] += x.size
-
     toks = model.tokenize(text, add_special=False)[:max_tokens]
-    win = ctx - skip
     bos = model.tokenize("", add_special=True)[:skip]
-    with Context(model, n_ctx=ctx, n_batch=ctx, n_threads=threads,
-                 eval_callback=(lambda n: node.match(n) is not None, on)) as c:
-        for s in range(0, len(toks), win):
-            w = toks[s:s + win]
-            if len(w) < 8:
-                continue
-            c.clear()
-            c.decode(bos + w, logits="compute")
+    win = ctx - skip
+    windows = [toks[s:s + win] for s in range(0, len(toks), win) if len(toks[s:s + win]) >= 8]
+    out = {"n_tokens": sum(len(w) for w in windows), "per_layer": {}, "overall": {}}
+    with Context(model, n_ctx=ctx, n_batch=ctx, n_threads=threads) as c:
+        for lv in info["levels"]:
+            key = f"{lv:g}"
+            out["overall"][key], out["per_layer"][key] = {}, {}
+            for method, parts in (("chess", ("ffn", "attn_q", "attn_o")), ("cats", ("ffn",))):
+                c.chess_set(method, key, "masked")
+                c.chess_stats_reset()
+                for w in windows:
+                    c.clear()
+                    c.decode(bos + w, logits="compute")  # outputs for all rows: the last layer sees every token
+                st = c.chess_stats()
+                for part in parts:
+                    name = "ffn_cats" if method == "cats" else part
+                    out["overall"][key][name] = st[part]["sparsity"]
+                    out["per_layer"][key][name] = st[part]["per_layer"]
     model.close()
-    out = {"n_tokens": len(toks), "per_layer": {}, "overall": {}}
-    for k, lv in enumerate(levels):
-        key = f"{lv:g}"
-        out["per_layer"][key] = {p: (cnt[p][k] / np.maximum(tot[p], 1)).tolist() for p in cnt}
-        out["overall"][key] = {p: float(cnt[p][k].sum() / max(tot[p].sum(), 1)) for p in cnt}
     return out
 
 

@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType as QT, GGUFValueType as VT
 
 from . import __version__
 from . import gguf_io
-from .calibrate import SUPPORTED_ARCHS, CalibStats, arch_of, calibrate
+from .calibrate import SUPPORTED_ARCHS, CalibStats, calibrate
 from .runtime import Model, quantize_rows
 from .thresholds import (channel_stat, check_levels, hist_chess_thresholds, hist_fraction_below,
                          hist_scalar_thresholds)
@@ -127,12 +127,11 @@ def transposed_tensors(reader, n_layer: int, wt_type: Optional[QT], progress: bo
                 raise ValueError(f"{reader.data.filename}: tensor {name} missing")
             jobs.append((name, f"blk.{il}.{dst}"))
     out = []
-    it = jobs
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(jobs), unit="mat", desc="transposing", dynamic_ncols=True)
-    for name, dst in it:
+    for name, dst in jobs:
         t = by_name[name]
         w = gguf_io.tensor_f32(reader, name)       # [n_out, n_in]
         wt = np.ascontiguousarray(w.T)             # [n_in, n_out]: one row per input channel
@@ -177,7 +176,7 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
 
     text, text_sha = load_calib_text(opt.calib_files)
     model = Model(inp_p)
-    arch, act_kind = arch_of(model)
+    act_kind = SUPPORTED_ARCHS[arch]  # arch checked above, from the file's metadata
     tokens = model.tokenize(text, add_special=False)[: opt.calib_tokens]
     if len(tokens) < opt.calib_tokens:
         print(f"note: calibration text has only {len(tokens)} tokens (asked for {opt.calib_tokens})", file=sys.stderr)
@@ -187,7 +186,6 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
     model.close()
 
     thr = compute_thresholds(st, levels, opt.stat)
-    n_lv = len(levels)
     tensors = []
     for il, t in enumerate(thr):
         tensors.append((f"blk.{il}.chess_ffn_tau", np.ascontiguousarray(t["ffn_tau"], dtype=np.float32), None))

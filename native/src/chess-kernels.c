@@ -114,11 +114,17 @@ void chess_thread_range(int64_t n, int64_t align, int ith, int nth, int64_t * r0
 #ifndef CH_UP_PF_ROWS
 #define CH_UP_PF_ROWS 4
 #endif
-#define CH_PREFETCH(p) __builtin_prefetch((p), 0, 2) // locality 2 = prefetcht1 on x86
+#ifndef CH_PF_LOC
+#define CH_PF_LOC 2
+#endif
+#define CH_PREFETCH(p) __builtin_prefetch((p), 0, CH_PF_LOC) // locality 2 = prefetcht1 on x86
 
+// every cache line of [p, p + n): rows are not line-aligned (a Q4_1 row of 576 is 360 bytes), and
+// stepping 64 bytes from p itself would miss the row's last line (one demand miss per row).
 static inline void ch_prefetch_bytes(const char * p, size_t n) {
-    for (size_t off = 0; off < n; off += 64) {
-        CH_PREFETCH(p + off);
+    const uintptr_t end = (uintptr_t) p + n;
+    for (uintptr_t a = (uintptr_t) p & ~(uintptr_t) 63; a < end; a += 64) {
+        CH_PREFETCH((const char *) a);
     }
 }
 
@@ -149,8 +155,193 @@ const void * chess_prepare_x_tls(enum ggml_type type, const float * x, int64_t n
     return xq;
 }
 
+#if defined(CHESS_AVX2)
+// 16 bytes of nibbles -> 32 bytes: element e < 16 is the low nibble of byte e, e >= 16 the high
+static inline __m256i ch_nibbles(const uint8_t * qs) {
+    const __m128i b = _mm_loadu_si128((const __m128i *) qs);
+    const __m128i m = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
+}
+
+// 32 bits -> 32 bytes, byte e = 0x10 if bit e is set (the 5th bit of Q5 levels)
+static inline __m256i ch_bits_0x10(const uint8_t * qh4) {
+    uint32_t u;
+    memcpy(&u, qh4, 4);
+    const __m256i sel = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
+                                          0x0101010101010101LL, 0x0000000000000000LL);
+    const __m256i bit = _mm256_set1_epi64x((long long) 0x8040201008040201ULL);
+    __m256i x = _mm256_shuffle_epi8(_mm256_set1_epi32((int) u), sel); // byte e = byte e/8 of u
+    x = _mm256_cmpeq_epi8(_mm256_and_si256(x, bit), bit);
+    return _mm256_and_si256(x, _mm256_set1_epi8(0x10));
+}
+
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // output-sparse up projection
+
+static bool ch_force_generic = false;
+
+#if defined(CHESS_AVX2)
+// Multi-row integer dot products for the 32-element block types (x in Q8_0 / Q8_1, as ggml
+// prepares it). ggml's vec_dot does one row per call; for scattered kept rows a fused pass over
+// CH_UP_ROWS rows at a time reuses each x block from registers, keeps the rows' independent
+// accumulators in flight (the loads of 4 rows overlap) and, with AVX-512 VNNI, multiplies u8 by
+// s8 in one instruction. Weight levels are taken unsigned (Q4_0/Q5_0 subtract their zero point
+// through sum(x) per block, exact in integers); Q8_0 uses the sign trick (|w| times x*sign(w)).
+#define CH_UP_ROWS 4
+
+enum { CH_UQ8_0, CH_UQ4_0, CH_UQ4_1, CH_UQ5_0, CH_UQ5_1 };
+
+// 32 weight levels of one block: u8 (Q8_0: the raw s8 values)
+static inline __m256i ch_up_levels(int kind, const uint8_t * b) {
+    switch (kind) {
+        case CH_UQ8_0: return _mm256_loadu_si256((const __m256i *) (b + 2));
+        case CH_UQ4_0: return ch_nibbles(b + 2);
+        case CH_UQ4_1: return ch_nibbles(b + 4);
+        case CH_UQ5_0: return _mm256_or_si256(ch_nibbles(b + 6), ch_bits_0x10(b + 2));
+        default:       return _mm256_or_si256(ch_nibbles(b + 8), ch_bits_0x10(b + 4));
+    }
+}
+
+// 8 int32 partial sums of w (u8) * x (s8); Q8_0: w is s8 too
+static inline __m256i ch_up_dot(int kind, __m256i w, __m256i x) {
+    if (kind == CH_UQ8_0) {
+        x = _mm256_sign_epi8(x, w);
+        w = _mm256_abs_epi8(w);
+    }
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
+#else
+    // |w| <= 127 (Q8_0) or <= 31, |x| <= 127: a pair sum fits int16 without saturation
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+#endif
+}
+
+static inline float ch_hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// sums[r] = dot(row r, x) for NR rows. Per block: the integer dot scaled by d_w*d_x, plus a
+// scalar term coef_w * xs[b] (Q4_1/Q5_1: m_w * s_x; Q4_0/Q5_0: d_w * (-zero point * d_x * sum x)).
+static inline __attribute__((always_inline)) void ch_up_rows(const int kind, const int NR, const uint8_t * const * rows,
+        size_t ts, const uint8_t * xq, size_t xs_bytes, const float * dx, const float * xs, int64_t nb, float * sums) {
+    __m256 acc[CH_UP_ROWS];
+    float corr[CH_UP_ROWS];
+    for (int r = 0; r < NR; r++) {
+        acc[r] = _mm256_setzero_ps();
+        corr[r] = 0.0f;
+    }
+    const int xo = (kind == CH_UQ4_1 || kind == CH_UQ5_1) ? 4 : 2;
+    for (int64_t b = 0; b < nb; b++) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i *) (xq + b * xs_bytes + xo));
+        for (int r = 0; r < NR; r++) {
+            const uint8_t * wb = rows[r] + b * ts;
+            const ggml_fp16_t * hp = (const ggml_fp16_t *) wb;
+            const __m256i p = ch_up_dot(kind, ch_up_levels(kind, wb), xv);
+            const float dw = ch_h2f(hp[0]);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * dx[b]), acc[r]);
+            if (kind == CH_UQ4_1 || kind == CH_UQ5_1) {
+                corr[r] = CH_FMA(ch_h2f(hp[1]), xs[b], corr[r]);
+            } else if (kind != CH_UQ8_0) {
+                corr[r] = CH_FMA(dw, xs[b], corr[r]);
+            }
+        }
+    }
+    for (int r = 0; r < NR; r++) {
+        sums[r] = ch_hsum8(acc[r]) + corr[r];
+    }
+}
+
+static inline __attribute__((always_inline)) void ch_up_fast_kind(const int kind, const char * w, size_t nb1,
+        int64_t n_in, const int32_t * kept, int64_t nk, const void * xq_, float * s) {
+    const uint8_t * xq = (const uint8_t *) xq_;
+    const size_t ts = kind == CH_UQ8_0 ? 34 : kind == CH_UQ4_0 ? 18 : kind == CH_UQ4_1 ? 20 : kind == CH_UQ5_0 ? 22 : 24;
+    const bool x1 = kind == CH_UQ4_1 || kind == CH_UQ5_1; // x in Q8_1 (36-byte blocks with s)
+    const size_t xs_bytes = x1 ? 36 : 34;
+    const int64_t nb = n_in / 32;
+    // per-block x scales and offset terms, once per call
+    float * dx = ch_grow(&tls_deq, 2 * (size_t) nb * sizeof(float));
+    float * xs = dx + nb;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t * xb = xq + b * xs_bytes;
+        const ggml_fp16_t * hp = (const ggml_fp16_t *) xb;
+        dx[b] = ch_h2f(hp[0]);
+        if (x1) {
+            xs[b] = ch_h2f(hp[1]);
+        } else if (kind == CH_UQ4_0 || kind == CH_UQ5_0) {
+            const int8_t * q = (const int8_t *) (xb + 2);
+            int sum = 0;
+            for (int e = 0; e < 32; e++) sum += q[e];
+            xs[b] = (kind == CH_UQ4_0 ? -8.0f : -16.0f) * dx[b] * (float) sum;
+        } else {
+            xs[b] = 0.0f;
+        }
+    }
+    const size_t row_bytes = (size_t) nb * ts;
+    for (int64_t k = 0; k < nk && k < CH_UP_PF_ROWS; k++) {
+        ch_prefetch_bytes(w + (size_t) kept[k] * nb1, row_bytes);
+    }
+    int64_t k = 0;
+    for (; k + CH_UP_ROWS <= nk; k += CH_UP_ROWS) {
+        for (int r = 0; r < CH_UP_ROWS && k + CH_UP_PF_ROWS + r < nk; r++) {
+            ch_prefetch_bytes(w + (size_t) kept[k + CH_UP_PF_ROWS + r] * nb1, row_bytes);
+        }
+        const uint8_t * rows[CH_UP_ROWS];
+        for (int r = 0; r < CH_UP_ROWS; r++) rows[r] = (const uint8_t *) w + (size_t) kept[k + r] * nb1;
+        ch_up_rows(kind, CH_UP_ROWS, rows, ts, xq, xs_bytes, dx, xs, nb, s + k);
+    }
+    for (; k < nk; k++) { // same per-row arithmetic as in a group: identical results
+        const uint8_t * rows[1] = { (const uint8_t *) w + (size_t) kept[k] * nb1 };
+        ch_up_rows(kind, 1, rows, ts, xq, xs_bytes, dx, xs, nb, s + k);
+    }
+}
+
+typedef void (*ch_up_fn)(const char *, size_t, int64_t, const int32_t *, int64_t, const void *, float *);
+#define CH_DEF_UP(name, kind) \
+    static void name(const char * w, size_t nb1, int64_t n_in, const int32_t * kept, int64_t nk, const void * xq, \
+                     float * s) { \
+        ch_up_fast_kind(kind, w, nb1, n_in, kept, nk, xq, s); \
+    }
+CH_DEF_UP(ch_up_q8_0, CH_UQ8_0)
+CH_DEF_UP(ch_up_q4_0, CH_UQ4_0)
+CH_DEF_UP(ch_up_q4_1, CH_UQ4_1)
+CH_DEF_UP(ch_up_q5_0, CH_UQ5_0)
+CH_DEF_UP(ch_up_q5_1, CH_UQ5_1)
+#undef CH_DEF_UP
+#endif
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define CH_UPNAME(t) "vnni-" t
+#else
+#define CH_UPNAME(t) "avx2-" t
+#endif
+
+static ch_up_fn ch_up_fast(enum ggml_type type, const char ** name) {
+#if defined(CHESS_AVX2)
+    switch (ch_force_generic ? GGML_TYPE_COUNT : type) {
+        case GGML_TYPE_Q8_0: *name = CH_UPNAME("q8_0"); return ch_up_q8_0;
+        case GGML_TYPE_Q4_0: *name = CH_UPNAME("q4_0"); return ch_up_q4_0;
+        case GGML_TYPE_Q4_1: *name = CH_UPNAME("q4_1"); return ch_up_q4_1;
+        case GGML_TYPE_Q5_0: *name = CH_UPNAME("q5_0"); return ch_up_q5_0;
+        case GGML_TYPE_Q5_1: *name = CH_UPNAME("q5_1"); return ch_up_q5_1;
+        default: break;
+    }
+#else
+    (void) type;
+#endif
+    *name = "vec_dot";
+    return NULL;
+}
+
+const char * chess_up_sparse_route(enum ggml_type type) {
+    const char * name;
+    ch_up_fast(type, &name);
+    return name;
+}
 
 int64_t chess_up_sparse(const void * w_up, enum ggml_type type, size_t nb1, int64_t n_in,
                         const float * g, const float * tau, int64_t n_tau, enum chess_act act,
@@ -158,12 +349,12 @@ int64_t chess_up_sparse(const void * w_up, enum ggml_type type, size_t nb1, int6
     if (i1 <= i0) {
         return 0;
     }
-    const ggml_vec_dot_t vec_dot = ggml_get_type_traits_cpu(type)->vec_dot;
     const char * w = (const char *) w_up;
 
     // pass 1: decide the mask (cheap, sequential) so pass 2 can prefetch the next kept row
-    int32_t * kept = ch_grow(&tls_list, (size_t) (i1 - i0) * (sizeof(int32_t) + sizeof(float)));
+    int32_t * kept = ch_grow(&tls_list, (size_t) (i1 - i0) * (sizeof(int32_t) + 2 * sizeof(float)));
     float   * ka   = (float *) (kept + (i1 - i0));
+    float   * ks   = ka + (i1 - i0);
     int64_t nk = 0;
     for (int64_t i = i0; i < i1; i++) {
         const float a = chess_act_apply(act, g[i]);
@@ -174,8 +365,19 @@ int64_t chess_up_sparse(const void * w_up, enum ggml_type type, size_t nb1, int6
         h[i] = 0.0f;
     }
 
-    // pass 2: one quantized dot product per kept row. Kept rows are random jumps for the
-    // hardware prefetcher: prefetch whole rows CH_UP_PF_ROWS ahead.
+    const char * name;
+    const ch_up_fn fast = ch_up_fast(type, &name);
+    if (fast) {
+        fast(w, nb1, n_in, kept, nk, xq, ks);
+        for (int64_t k = 0; k < nk; k++) {
+            h[kept[k]] = ka[k] * ks[k];
+        }
+        return nk;
+    }
+
+    // generic: one ggml vec_dot per kept row. Kept rows are random jumps for the hardware
+    // prefetcher: prefetch whole rows CH_UP_PF_ROWS ahead.
+    const ggml_vec_dot_t vec_dot = ggml_get_type_traits_cpu(type)->vec_dot;
     const size_t row_bytes = ggml_row_size(type, n_in);
     for (int64_t k = 0; k < nk && k < CH_UP_PF_ROWS; k++) {
         ch_prefetch_bytes(w + (size_t) kept[k] * nb1, row_bytes);
@@ -222,13 +424,14 @@ int64_t chess_up_sparse_ref(const void * w_up, enum ggml_type type, size_t nb1, 
 // ---------------------------------------------------------------------------------------------
 // input-sparse mat-vec through a transposed weight
 
-// Active inputs in increasing i: indices + coefficients, in thread-local scratch.
-static int64_t ch_active(const float * v, const float * thr, int64_t n_thr, int64_t n_in,
+// Active inputs of [i0, i1) in increasing i: indices + coefficients, in thread-local scratch.
+static int64_t ch_active(const float * v, const float * thr, int64_t n_thr, int64_t i0, int64_t i1,
                          int32_t ** idx_out, float ** c_out) {
-    int32_t * idx = ch_grow(&tls_list, (size_t) n_in * (sizeof(int32_t) + sizeof(float)));
-    float   * c   = (float *) (idx + n_in);
+    const int64_t n = i1 > i0 ? i1 - i0 : 0;
+    int32_t * idx = ch_grow(&tls_list, (size_t) (n + 1) * (sizeof(int32_t) + sizeof(float)));
+    float   * c   = (float *) (idx + n + 1);
     int64_t na = 0;
-    for (int64_t i = 0; i < n_in; i++) {
+    for (int64_t i = i0; i < i1; i++) {
         const float vi = v[i];
         if (vi != 0.0f && (!thr || fabsf(vi) >= ch_thr(thr, n_thr, i))) {
             idx[na] = (int32_t) i;
@@ -344,25 +547,6 @@ static inline void ch_i8x32_to_ps(__m256i q, __m256 f[4]) {
     f[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(lo, lo)));
     f[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
     f[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(hi, hi)));
-}
-
-// 16 bytes of nibbles -> 32 bytes: element e < 16 is the low nibble of byte e, e >= 16 the high
-static inline __m256i ch_nibbles(const uint8_t * qs) {
-    const __m128i b = _mm_loadu_si128((const __m128i *) qs);
-    const __m128i m = _mm_set1_epi8(0x0F);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
-}
-
-// 32 bits -> 32 bytes, byte e = 0x10 if bit e is set (the 5th bit of Q5 levels)
-static inline __m256i ch_bits_0x10(const uint8_t * qh4) {
-    uint32_t u;
-    memcpy(&u, qh4, 4);
-    const __m256i sel = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
-                                          0x0101010101010101LL, 0x0000000000000000LL);
-    const __m256i bit = _mm256_set1_epi64x((long long) 0x8040201008040201ULL);
-    __m256i x = _mm256_shuffle_epi8(_mm256_set1_epi32((int) u), sel); // byte e = byte e/8 of u
-    x = _mm256_cmpeq_epi8(_mm256_and_si256(x, bit), bit);
-    return _mm256_and_si256(x, _mm256_set1_epi8(0x10));
 }
 
 #define CH_Q8_0  0
@@ -676,8 +860,6 @@ CH_DEF(ch_in_avx2_q5_1, CH_Q5_1)
 typedef void (*ch_in_fn)(const char *, size_t, size_t, const int32_t *, const float *, int64_t,
                          float *, int64_t, int64_t);
 
-static bool ch_force_generic = false;
-
 void chess_kernels_force_generic(bool on) {
     ch_force_generic = on;
 }
@@ -714,21 +896,25 @@ const char * chess_in_sparse_route(enum ggml_type type) {
     return name;
 }
 
-int64_t chess_in_sparse(const void * wt, enum ggml_type type, size_t nb1, int64_t n_in, int64_t n_out,
-                        const float * v, const float * thr, int64_t n_thr, float * y, int64_t j0, int64_t j1) {
-    (void) n_out;
-    int32_t * idx;
-    float   * c;
-    const int64_t na = ch_active(v, thr, n_thr, n_in, &idx, &c);
-    if (j1 <= j0) {
-        return na;
-    }
+static void ch_in_run(const void * wt, enum ggml_type type, size_t nb1, const int32_t * idx, const float * c,
+                      int64_t na, float * y, int64_t j0, int64_t j1) {
     const char * name;
     const ch_in_fn fast = ch_in_fast(type, &name);
     if (fast) {
         fast((const char *) wt, nb1, ggml_type_size(type), idx, c, na, y, j0, j1);
     } else {
         ch_in_generic((const char *) wt, type, nb1, idx, c, na, y, j0, j1);
+    }
+}
+
+int64_t chess_in_sparse(const void * wt, enum ggml_type type, size_t nb1, int64_t n_in, int64_t n_out,
+                        const float * v, const float * thr, int64_t n_thr, float * y, int64_t j0, int64_t j1) {
+    (void) n_out;
+    int32_t * idx;
+    float   * c;
+    const int64_t na = ch_active(v, thr, n_thr, 0, n_in, &idx, &c);
+    if (j1 > j0) {
+        ch_in_run(wt, type, nb1, idx, c, na, y, j0, j1);
     }
     return na;
 }

@@ -76,7 +76,11 @@ float chess_act_apply(enum chess_act act, float g);
 // Name of the chess_in_sparse route taken for `type` ("avx2-q4_0", "generic", ...), for logs.
 const char * chess_in_sparse_route(enum ggml_type type);
 
-// Test/benchmark hook: route chess_in_sparse through the generic (to_float) path for every type.
+// Name of the chess_up_sparse route ("vnni-q4_1", "avx2-q8_0", or "vec_dot": ggml's per-row dot).
+const char * chess_up_sparse_route(enum ggml_type type);
+
+// Test/benchmark hook: route chess_up_sparse and chess_in_sparse through their generic paths
+// (ggml vec_dot per row; to_float) for every type.
 // Process-wide; set it only while no kernel runs.
 void chess_kernels_force_generic(bool on);
 

@@ -104,15 +104,22 @@ void chess_thread_range(int64_t n, int64_t align, int ith, int nth, int64_t * r0
 }
 
 // Software prefetch of active/kept rows (random jumps the hardware prefetcher cannot follow).
-// Measured on the 2-core EPYC (Zen 4), weights streamed from DRAM, 896x4864:
-// - in: 8 rows ahead into L2 vs 4 rows ahead into L1: Q8_0 all-active 1.2x dense time, not 1.9x;
-// - up: 4 kept rows ahead, whole rows, at 50% random drop: Q4_0 1.2x dense time instead of 1.9x.
+// The input-sparse kernels prefetch the rows CH_PF_BYTES of weights ahead of the group being
+// computed (at least 8 rows): far enough to cover DRAM latency whatever slice of a row one thread
+// reads. A fixed 8 rows was too close when 2 threads each read 180-byte halves of SmolLM2 rows:
+// decode (llama-bench tg, 2 threads, level 0.5) 94 tok/s with 8 rows, 103 with 16, 99 with 32.
+// The up kernel reads whole rows: 8 rows ahead (4 measured 10% slower at 1 thread; 16, 32 same).
 // Override with -D for tuning.
-#ifndef CH_PF_ROWS
-#define CH_PF_ROWS 8
+#ifndef CH_PF_BYTES
+#define CH_PF_BYTES 3072
 #endif
+static inline int64_t ch_pf_rows(size_t slice_bytes) {
+    int64_t r = (int64_t) (CH_PF_BYTES / (slice_bytes ? slice_bytes : 1));
+    r = r < 8 ? 8 : r > 64 ? 64 : r;
+    return r & ~(int64_t) 3;
+}
 #ifndef CH_UP_PF_ROWS
-#define CH_UP_PF_ROWS 4
+#define CH_UP_PF_ROWS 8
 #endif
 #ifndef CH_PF_LOC
 #define CH_PF_LOC 2
@@ -425,13 +432,32 @@ int64_t chess_up_sparse_ref(const void * w_up, enum ggml_type type, size_t nb1, 
 // input-sparse mat-vec through a transposed weight
 
 // Active inputs of [i0, i1) in increasing i: indices + coefficients, in thread-local scratch.
+// Every thread of an op scans the whole input (cheap), so this is vectorized: with AVX-512 a
+// register compress + full-width store (the memory form of vpcompress is microcoded on Zen 4).
 static int64_t ch_active(const float * v, const float * thr, int64_t n_thr, int64_t i0, int64_t i1,
                          int32_t ** idx_out, float ** c_out) {
     const int64_t n = i1 > i0 ? i1 - i0 : 0;
-    int32_t * idx = ch_grow(&tls_list, (size_t) (n + 1) * (sizeof(int32_t) + sizeof(float)));
-    float   * c   = (float *) (idx + n + 1);
+    const int64_t cap = n + 16; // full-width stores may write up to 15 elements past the end
+    int32_t * idx = ch_grow(&tls_list, (size_t) cap * (sizeof(int32_t) + sizeof(float)));
+    float   * c   = (float *) (idx + cap);
     int64_t na = 0;
-    for (int64_t i = i0; i < i1; i++) {
+    int64_t i = i0;
+#if defined(CHESS_AVX512)
+    const __m512i step = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512 t1 = _mm512_set1_ps(thr ? thr[0] : 0.0f);
+    for (; i + 16 <= i1; i += 16) {
+        const __m512 vi = _mm512_loadu_ps(v + i);
+        __mmask16 m = _mm512_cmp_ps_mask(vi, _mm512_setzero_ps(), _CMP_NEQ_UQ); // as vi != 0.0f
+        if (thr) {
+            const __m512 t = n_thr == 1 ? t1 : _mm512_loadu_ps(thr + i);
+            m &= _mm512_cmp_ps_mask(_mm512_abs_ps(vi), t, _CMP_GE_OQ);             // as fabsf(vi) >= t
+        }
+        _mm512_storeu_si512(idx + na, _mm512_maskz_compress_epi32(m, _mm512_add_epi32(step, _mm512_set1_epi32((int) i))));
+        _mm512_storeu_ps(c + na, _mm512_maskz_compress_ps(m, vi));
+        na += __builtin_popcount((unsigned) m);
+    }
+#endif
+    for (; i < i1; i++) {
         const float vi = v[i];
         if (vi != 0.0f && (!thr || fabsf(vi) >= ch_thr(thr, n_thr, i))) {
             idx[na] = (int32_t) i;
@@ -508,9 +534,10 @@ static void ch_in_generic(const char * w, enum ggml_type type, size_t nb1, const
         const int64_t nt = j1 - jt < tile ? j1 - jt : tile;
         float * acc = y + jt;
         memset(acc, 0, (size_t) nt * sizeof(float));
+        const int64_t pfr = ch_pf_rows(is_f32 ? (size_t) nt * 4 : (size_t) ((nt + bs - 1) / bs) * ts);
         int64_t k = 0;
         for (; k + 4 <= na; k += 4) {
-            const int64_t kn = k + CH_PF_ROWS + 4 <= na ? k + CH_PF_ROWS : k; // see ch_in_avx2_kind
+            const int64_t kn = k + pfr + 4 <= na ? k + pfr : k; // see ch_in_avx2_kind
             for (int64_t js = 0; js < nt; js += sub) {
                 const int64_t ns = nt - js < sub ? nt - js : sub;
                 const int64_t col = jt + js;
@@ -694,6 +721,7 @@ static inline __attribute__((always_inline)) void ch_in_avx2_kind(const int kind
         const int64_t nt = j1 - jt < tile ? j1 - jt : tile; // whole blocks: rows are whole blocks
         const int64_t nb = nt / 32;
         const size_t  off = (size_t) (jt / 32) * ts;
+        const int64_t pfr = ch_pf_rows((size_t) nb * ts);
         float * acc = y + jt;
         memset(acc, 0, (size_t) nt * sizeof(float));
         if (has_m) {
@@ -707,8 +735,8 @@ static inline __attribute__((always_inline)) void ch_in_avx2_kind(const int kind
             const uint8_t * r2 = (const uint8_t *) w + (size_t) idx[k + 2] * nb1 + off;
             const uint8_t * r3 = (const uint8_t *) w + (size_t) idx[k + 3] * nb1 + off;
             // Active rows are random jumps the hardware prefetcher cannot predict: prefetch the
-            // chunks of the group CH_PF_ROWS ahead, block by block (near the end: our own rows).
-            const int64_t kn = k + CH_PF_ROWS + 4 <= na ? k + CH_PF_ROWS : k;
+            // chunks of the group pfr rows ahead, block by block (near the end: our own rows).
+            const int64_t kn = k + pfr + 4 <= na ? k + pfr : k;
             const char * p0 = w + (size_t) idx[kn + 0] * nb1 + off, * p1 = w + (size_t) idx[kn + 1] * nb1 + off;
             const char * p2 = w + (size_t) idx[kn + 2] * nb1 + off, * p3 = w + (size_t) idx[kn + 3] * nb1 + off;
             for (int64_t b = 0; b < nb; b++) {
@@ -783,6 +811,7 @@ static inline __attribute__((always_inline)) void ch_in_avx2_fp(const int kind, 
     for (int64_t jt = j0; jt < j1; jt += tile) {
         const int64_t je = j1 - jt < tile ? j1 : jt + tile;
         memset(y + jt, 0, (size_t) (je - jt) * sizeof(float));
+        const int64_t pfr = ch_pf_rows((size_t) (je - jt) * (kind == CH_F32 ? 4 : 2));
         int64_t k = 0;
         for (; k + 4 <= na; k += 4) {
             const char * r0 = w + (size_t) idx[k + 0] * nb1, * r1 = w + (size_t) idx[k + 1] * nb1;
@@ -790,7 +819,7 @@ static inline __attribute__((always_inline)) void ch_in_avx2_fp(const int kind, 
             const float c0 = c[k], c1 = c[k + 1], c2 = c[k + 2], c3 = c[k + 3];
             const __m256 vc0 = _mm256_set1_ps(c0), vc1 = _mm256_set1_ps(c1);
             const __m256 vc2 = _mm256_set1_ps(c2), vc3 = _mm256_set1_ps(c3);
-            const int64_t kn = k + CH_PF_ROWS + 4 <= na ? k + CH_PF_ROWS : k; // see ch_in_avx2_kind
+            const int64_t kn = k + pfr + 4 <= na ? k + pfr : k; // see ch_in_avx2_kind
             const char * p0 = w + (size_t) idx[kn + 0] * nb1, * p1 = w + (size_t) idx[kn + 1] * nb1;
             const char * p2 = w + (size_t) idx[kn + 2] * nb1, * p3 = w + (size_t) idx[kn + 3] * nb1;
             const int64_t es = kind == CH_F32 ? 4 : 2;

@@ -189,6 +189,9 @@ static inline __m256i ch_bits_0x10(const uint8_t * qh4) {
 
 static bool ch_force_generic = false;
 
+// a fast up route: s[k] = dot(W_up[kept[k]], x) for the nk kept rows
+typedef void (*ch_up_fn)(const char *, size_t, int64_t, const int32_t *, int64_t, const void *, float *);
+
 #if defined(CHESS_AVX2)
 // Multi-row integer dot products for the 32-element block types (x in Q8_0 / Q8_1, as ggml
 // prepares it). ggml's vec_dot does one row per call; for scattered kept rows a fused pass over
@@ -307,7 +310,6 @@ static inline __attribute__((always_inline)) void ch_up_fast_kind(const int kind
     }
 }
 
-typedef void (*ch_up_fn)(const char *, size_t, int64_t, const int32_t *, int64_t, const void *, float *);
 #define CH_DEF_UP(name, kind) \
     static void name(const char * w, size_t nb1, int64_t n_in, const int32_t * kept, int64_t nk, const void * xq, \
                      float * s) { \
@@ -319,6 +321,132 @@ CH_DEF_UP(ch_up_q4_1, CH_UQ4_1)
 CH_DEF_UP(ch_up_q5_0, CH_UQ5_0)
 CH_DEF_UP(ch_up_q5_1, CH_UQ5_1)
 #undef CH_DEF_UP
+
+// ---- K-quants (256-element super-blocks, x in Q8_K) ----
+// Each super-block is 8 sub-blocks of 32: u8 levels q, an integer scale per 16 or 32 elements,
+// one fp16 super-scale d (Q4_K also a 6-bit min per sub-block times dmin). Per row and
+// super-block, sum_k sc_k * dot(q_k, x_k) is accumulated in int32 (maddubs pairs, then madd by
+// the scales, as the quantization allows: |q| <= 63, |x| <= 127), then scaled once by d * d_x.
+// Offsets (Q4_K mins, Q6_K's -32) come from Q8_K's per-16 sums of x (bsums).
+enum { CH_UQ4_K, CH_UQ6_K };
+
+// 6-bit scale and min of sub-block j of a Q4_K super-block (ggml's packing)
+static inline void ch_q4k_scale_min(const uint8_t * q, int j, int * sc, int * m) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m  = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *m  = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+// 32 u8 levels of sub-block s (elements 32s..32s+31 of the super-block)
+static inline __m256i ch_k_levels(int kind, const uint8_t * sb, int s) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    if (kind == CH_UQ4_K) {
+        const __m256i q = _mm256_loadu_si256((const __m256i *) (sb + 16 + 32 * (s / 2))); // qs after d, dmin, scales[12]
+        return (s & 1) ? _mm256_and_si256(_mm256_srli_epi16(q, 4), m4) : _mm256_and_si256(q, m4);
+    }
+    const int n = s / 4, r = s % 4; // Q6_K: ql[128] qh[64] scales[16] d
+    const __m256i ql = _mm256_loadu_si256((const __m256i *) (sb + 64 * n + 32 * (r & 1)));
+    const __m256i qh = _mm256_loadu_si256((const __m256i *) (sb + 128 + 32 * n));
+    const __m256i lo = r < 2 ? _mm256_and_si256(ql, m4) : _mm256_and_si256(_mm256_srli_epi16(ql, 4), m4);
+    const __m256i hi = _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * r), 4), _mm256_set1_epi8(0x30));
+    return _mm256_or_si256(lo, hi);
+}
+
+static inline __attribute__((always_inline)) void ch_up_rows_k(const int kind, const int NR, const uint8_t * const * rows,
+        size_t ts, const uint8_t * xq, int64_t nsb, float * sums) {
+    __m256 acc[CH_UP_ROWS];
+    float corr[CH_UP_ROWS];
+    for (int r = 0; r < NR; r++) {
+        acc[r] = _mm256_setzero_ps();
+        corr[r] = 0.0f;
+    }
+    for (int64_t b = 0; b < nsb; b++) {
+        const uint8_t * xb = xq + b * 292; // block_q8_K: float d, int8 qs[256], int16 bsums[16]
+        float dx;
+        memcpy(&dx, xb, 4);
+        const int16_t * bsums = (const int16_t *) (xb + 260);
+        for (int r = 0; r < NR; r++) {
+            const uint8_t * sb = rows[r] + b * ts;
+            __m256i isum = _mm256_setzero_si256();
+            int ioff;
+            float d;
+            if (kind == CH_UQ4_K) {
+                int sc[8], mn[8];
+                ioff = 0;
+                for (int j = 0; j < 8; j++) {
+                    ch_q4k_scale_min(sb + 4, j, &sc[j], &mn[j]);
+                    ioff += mn[j] * (bsums[2 * j] + bsums[2 * j + 1]);
+                }
+                for (int j = 0; j < 8; j++) {
+                    const __m256i xv = _mm256_loadu_si256((const __m256i *) (xb + 4 + 32 * j));
+                    const __m256i p = _mm256_maddubs_epi16(ch_k_levels(kind, sb, j), xv);
+                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, _mm256_set1_epi16((short) sc[j])));
+                }
+                const ggml_fp16_t * hp = (const ggml_fp16_t *) sb;
+                d = ch_h2f(hp[0]) * dx;
+                corr[r] = CH_FMA(-ch_h2f(hp[1]) * dx, (float) ioff, corr[r]);
+            } else {
+                const int8_t * sc = (const int8_t *) (sb + 192);
+                // -32 * sum_k sc_k * bsums_k (the scale of x group k is scales[k])
+                const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *) sc));
+                const __m256i so = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *) bsums));
+                __m128i o4 = _mm_add_epi32(_mm256_castsi256_si128(so), _mm256_extracti128_si256(so, 1));
+                o4 = _mm_add_epi32(o4, _mm_shuffle_epi32(o4, 0x4E));
+                o4 = _mm_add_epi32(o4, _mm_shuffle_epi32(o4, 0xB1));
+                ioff = -32 * _mm_cvtsi128_si32(o4);
+                for (int j = 0; j < 8; j++) {
+                    const __m256i xv = _mm256_loadu_si256((const __m256i *) (xb + 4 + 32 * j));
+                    const __m256i p = _mm256_maddubs_epi16(ch_k_levels(kind, sb, j), xv);
+                    // int16 lanes 0-7 are elements 0-15 (scale 2j), lanes 8-15 elements 16-31 (scale 2j+1)
+                    const __m256i scv = _mm256_set_m128i(_mm_set1_epi16(sc[2 * j + 1]), _mm_set1_epi16(sc[2 * j]));
+                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, scv));
+                }
+                d = ch_h2f(*(const ggml_fp16_t *) (sb + 208)) * dx;
+                corr[r] = CH_FMA(d, (float) ioff, corr[r]);
+            }
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d), acc[r]);
+        }
+    }
+    for (int r = 0; r < NR; r++) {
+        sums[r] = ch_hsum8(acc[r]) + corr[r];
+    }
+}
+
+static inline __attribute__((always_inline)) void ch_up_fast_k(const int kind, const char * w, size_t nb1,
+        int64_t n_in, const int32_t * kept, int64_t nk, const void * xq, float * s) {
+    const size_t ts = kind == CH_UQ4_K ? 144 : 210;
+    const int64_t nsb = n_in / 256;
+    const size_t row_bytes = (size_t) nsb * ts;
+    for (int64_t k = 0; k < nk && k < CH_UP_PF_ROWS; k++) {
+        ch_prefetch_bytes(w + (size_t) kept[k] * nb1, row_bytes);
+    }
+    int64_t k = 0;
+    for (; k + CH_UP_ROWS <= nk; k += CH_UP_ROWS) {
+        for (int r = 0; r < CH_UP_ROWS && k + CH_UP_PF_ROWS + r < nk; r++) {
+            ch_prefetch_bytes(w + (size_t) kept[k + CH_UP_PF_ROWS + r] * nb1, row_bytes);
+        }
+        const uint8_t * rows[CH_UP_ROWS];
+        for (int r = 0; r < CH_UP_ROWS; r++) rows[r] = (const uint8_t *) w + (size_t) kept[k + r] * nb1;
+        ch_up_rows_k(kind, CH_UP_ROWS, rows, ts, (const uint8_t *) xq, nsb, s + k);
+    }
+    for (; k < nk; k++) {
+        const uint8_t * rows[1] = { (const uint8_t *) w + (size_t) kept[k] * nb1 };
+        ch_up_rows_k(kind, 1, rows, ts, (const uint8_t *) xq, nsb, s + k);
+    }
+}
+
+static void ch_up_q4_k(const char * w, size_t nb1, int64_t n_in, const int32_t * kept, int64_t nk, const void * xq,
+                       float * s) {
+    ch_up_fast_k(CH_UQ4_K, w, nb1, n_in, kept, nk, xq, s);
+}
+static void ch_up_q6_k(const char * w, size_t nb1, int64_t n_in, const int32_t * kept, int64_t nk, const void * xq,
+                       float * s) {
+    ch_up_fast_k(CH_UQ6_K, w, nb1, n_in, kept, nk, xq, s);
+}
 #endif
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -335,6 +463,8 @@ static ch_up_fn ch_up_fast(enum ggml_type type, const char ** name) {
         case GGML_TYPE_Q4_1: *name = CH_UPNAME("q4_1"); return ch_up_q4_1;
         case GGML_TYPE_Q5_0: *name = CH_UPNAME("q5_0"); return ch_up_q5_0;
         case GGML_TYPE_Q5_1: *name = CH_UPNAME("q5_1"); return ch_up_q5_1;
+        case GGML_TYPE_Q4_K: *name = "avx2-q4_K"; return ch_up_q4_k;
+        case GGML_TYPE_Q6_K: *name = "avx2-q6_K"; return ch_up_q6_k;
         default: break;
     }
 #else
@@ -884,6 +1014,115 @@ CH_DEF(ch_in_avx2_q4_1, CH_Q4_1)
 CH_DEF(ch_in_avx2_q5_0, CH_Q5_0)
 CH_DEF(ch_in_avx2_q5_1, CH_Q5_1)
 #undef CH_DEF
+
+// ---- K-quant transposed rows (Q4_K, Q6_K): super-blocks of 256 outputs, 8 sub-blocks of 32 ----
+// Each row's super-block scales are decoded once per group pass into per-half multipliers
+// (c * d * sc); the sub-blocks then go through the same convert + FMA as the 32-blocks above.
+// Q4_K's mins become one bias per 32 outputs (sum of c * -dmin * m), added at the end of the tile.
+
+// acc (32 floats) += clo * levels[0..15] + chi * levels[16..31]
+static inline void ch_fma_halves(ch_acc32 * a, __m256i q, bool sgn, float clo, float chi) {
+    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+#if defined(CHESS_AVX512)
+    const __m512 f0 = _mm512_cvtepi32_ps(sgn ? _mm512_cvtepi8_epi32(lo) : _mm512_cvtepu8_epi32(lo));
+    const __m512 f1 = _mm512_cvtepi32_ps(sgn ? _mm512_cvtepi8_epi32(hi) : _mm512_cvtepu8_epi32(hi));
+    a->v[0] = _mm512_fmadd_ps(_mm512_set1_ps(clo), f0, a->v[0]);
+    a->v[1] = _mm512_fmadd_ps(_mm512_set1_ps(chi), f1, a->v[1]);
+#else
+    const __m128i lo2 = _mm_unpackhi_epi64(lo, lo), hi2 = _mm_unpackhi_epi64(hi, hi);
+    const __m256 f0 = _mm256_cvtepi32_ps(sgn ? _mm256_cvtepi8_epi32(lo)  : _mm256_cvtepu8_epi32(lo));
+    const __m256 f1 = _mm256_cvtepi32_ps(sgn ? _mm256_cvtepi8_epi32(lo2) : _mm256_cvtepu8_epi32(lo2));
+    const __m256 f2 = _mm256_cvtepi32_ps(sgn ? _mm256_cvtepi8_epi32(hi)  : _mm256_cvtepu8_epi32(hi));
+    const __m256 f3 = _mm256_cvtepi32_ps(sgn ? _mm256_cvtepi8_epi32(hi2) : _mm256_cvtepu8_epi32(hi2));
+    a->v[0] = _mm256_fmadd_ps(_mm256_set1_ps(clo), f0, a->v[0]);
+    a->v[1] = _mm256_fmadd_ps(_mm256_set1_ps(clo), f1, a->v[1]);
+    a->v[2] = _mm256_fmadd_ps(_mm256_set1_ps(chi), f2, a->v[2]);
+    a->v[3] = _mm256_fmadd_ps(_mm256_set1_ps(chi), f3, a->v[3]);
+#endif
+}
+
+// per-half multipliers of one super-block for coefficient c: mul[2j], mul[2j+1] for sub-block j;
+// Q4_K: off[j] = c * -dmin * m_j
+static inline void ch_k_mults(int kind, const uint8_t * sb, float c, float mul[16], float off[8]) {
+    if (kind == CH_UQ4_K) {
+        const ggml_fp16_t * hp = (const ggml_fp16_t *) sb;
+        const float d = c * ch_h2f(hp[0]), dm = -c * ch_h2f(hp[1]);
+        for (int j = 0; j < 8; j++) {
+            int sc, m;
+            ch_q4k_scale_min(sb + 4, j, &sc, &m);
+            mul[2 * j] = mul[2 * j + 1] = d * (float) sc;
+            off[j] = dm * (float) m;
+        }
+    } else {
+        const int8_t * sc = (const int8_t *) (sb + 192);
+        const float d = c * ch_h2f(*(const ggml_fp16_t *) (sb + 208));
+        for (int k = 0; k < 16; k++) {
+            mul[k] = d * (float) sc[k];
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void ch_in_k(const int kind, const char * w, size_t nb1,
+        const int32_t * idx, const float * c, int64_t na, float * y, int64_t j0, int64_t j1) {
+    const size_t ts = kind == CH_UQ4_K ? 144 : 210;
+    const bool sgn = kind == CH_UQ6_K;
+    const __m256i k32 = _mm256_set1_epi8(32);
+    const int64_t tile = CH_TILE_COLS; // a multiple of 256
+    float * bias = ch_grow(&tls_deq, (tile / 32) * sizeof(float));
+    for (int64_t jt = j0; jt < j1; jt += tile) {
+        const int64_t nt = j1 - jt < tile ? j1 - jt : tile;
+        const int64_t nsb = nt / 256;
+        const size_t off = (size_t) (jt / 256) * ts;
+        const int64_t pfr = ch_pf_rows((size_t) nsb * ts);
+        float * acc = y + jt;
+        memset(acc, 0, (size_t) nt * sizeof(float));
+        memset(bias, 0, (size_t) (nt / 32) * sizeof(float));
+        int64_t k = 0;
+        for (; k < na; k += 4) {
+            const int nr = na - k < 4 ? (int) (na - k) : 4; // the last group may be short
+            const uint8_t * r[4];
+            for (int q = 0; q < nr; q++) r[q] = (const uint8_t *) w + (size_t) idx[k + q] * nb1 + off;
+            const int64_t kn = k + pfr + 4 <= na ? k + pfr : -1;
+            for (int64_t b = 0; b < nsb; b++) {
+                if (kn >= 0) {
+                    for (int q = 0; q < 4; q++) ch_prefetch_bytes(w + (size_t) idx[kn + q] * nb1 + off + b * ts, ts);
+                }
+                float mul[4][16], offs[4][8];
+                for (int q = 0; q < nr; q++) ch_k_mults(kind, r[q] + b * ts, c[k + q], mul[q], offs[q]);
+                for (int j = 0; j < 8; j++) {
+                    float * ap = acc + 256 * b + 32 * j;
+                    ch_acc32 a = ch_acc_load(ap);
+                    for (int q = 0; q < nr; q++) {
+                        __m256i lv = ch_k_levels(kind, r[q] + b * ts, j);
+                        if (sgn) lv = _mm256_sub_epi8(lv, k32);
+                        ch_fma_halves(&a, lv, sgn, mul[q][2 * j], mul[q][2 * j + 1]);
+                        if (!sgn) bias[8 * b + j] += offs[q][j];
+                    }
+                    ch_acc_store(ap, a);
+                }
+            }
+        }
+        if (!sgn) {
+            for (int64_t s = 0; s < nt / 32; s++) {
+                const __m256 vb = _mm256_set1_ps(bias[s]);
+                for (int e = 0; e < 32; e += 8) {
+                    _mm256_storeu_ps(acc + 32 * s + e, _mm256_add_ps(_mm256_loadu_ps(acc + 32 * s + e), vb));
+                }
+            }
+        }
+    }
+}
+
+static void ch_in_q4_k(const char * w, size_t nb1, size_t ts, const int32_t * idx, const float * c, int64_t na,
+                       float * y, int64_t j0, int64_t j1) {
+    (void) ts;
+    ch_in_k(CH_UQ4_K, w, nb1, idx, c, na, y, j0, j1);
+}
+static void ch_in_q6_k(const char * w, size_t nb1, size_t ts, const int32_t * idx, const float * c, int64_t na,
+                       float * y, int64_t j0, int64_t j1) {
+    (void) ts;
+    ch_in_k(CH_UQ6_K, w, nb1, idx, c, na, y, j0, j1);
+}
 #endif // CHESS_AVX2
 
 typedef void (*ch_in_fn)(const char *, size_t, size_t, const int32_t *, const float *, int64_t,
@@ -910,6 +1149,8 @@ static ch_in_fn ch_in_fast(enum ggml_type type, const char ** name) {
         case GGML_TYPE_Q4_1: *name = CH_QNAME("q4_1"); return ch_in_avx2_q4_1;
         case GGML_TYPE_Q5_0: *name = CH_QNAME("q5_0"); return ch_in_avx2_q5_0;
         case GGML_TYPE_Q5_1: *name = CH_QNAME("q5_1"); return ch_in_avx2_q5_1;
+        case GGML_TYPE_Q4_K: *name = CH_QNAME("q4_K"); return ch_in_q4_k;
+        case GGML_TYPE_Q6_K: *name = CH_QNAME("q6_K"); return ch_in_q6_k;
         default: break;
     }
 #else

@@ -15,11 +15,15 @@ PATCHES     := $(sort $(wildcard native/patches/*.patch))
 NATIVE_SRCS := $(wildcard native/CMakeLists.txt native/src/* native/tests/*)
 VENV        := .venv
 VPY         := $(VENV)/bin/python
-TARGETS     := llama llama-cli llama-server llama-bench llama-perplexity llama-quantize test-chess-kernels
+TARGETS     := llama llama-cli llama-server llama-bench llama-perplexity llama-quantize test-chess-kernels llama-simple
 CCACHE      := $(shell command -v ccache 2>/dev/null)
+# The unpatched llama.cpp (tag `pristine`), built with the same options: tests/test_stock.py
+# checks that stock GGUF files decode to the same tokens with and without our patches.
+PRISTINE_SRC := build/llama.cpp-pristine
+PRISTINE_BLD := build/pristine-cmake
 export CCACHE_DIR ?= $(CURDIR)/.cache/ccache
 
-.PHONY: all native venv models data demo test test-native clean distclean
+.PHONY: all native native-pristine venv models data demo test test-native clean distclean
 all: native venv
 
 # --- pinned llama.cpp source: the tree vendored in the llama-cpp-python sdist --------------
@@ -40,15 +44,32 @@ build/.patched: build/.pristine $(PATCHES) scripts/apply-patches.sh
 	scripts/apply-patches.sh $(SRC) $(PATCHES)
 	@touch $@
 
-$(BLD)/build.ninja: build/.patched
-	cmake -S $(SRC) -B $(BLD) -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+# Options shared by the patched and the pristine build. Examples are on for llama-simple only
+# (builds name their targets, so no other example is compiled).
+CMAKE_OPTS := -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
 	  -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF \
-	  -DLLAMA_BUILD_EXAMPLES=OFF -DCHESS_NATIVE_DIR=$(CURDIR)/native \
-	  $(if $(CCACHE),-DCMAKE_C_COMPILER_LAUNCHER=$(CCACHE) -DCMAKE_CXX_COMPILER_LAUNCHER=$(CCACHE)) >/dev/null
+	  -DLLAMA_BUILD_EXAMPLES=ON \
+	  $(if $(CCACHE),-DCMAKE_C_COMPILER_LAUNCHER=$(CCACHE) -DCMAKE_CXX_COMPILER_LAUNCHER=$(CCACHE))
+
+$(BLD)/build.ninja: build/.patched Makefile
+	cmake -S $(SRC) -B $(BLD) $(CMAKE_OPTS) -DCHESS_NATIVE_DIR=$(CURDIR)/native >/dev/null
 	@touch $@
 
 native: $(BLD)/build.ninja
 	cmake --build $(BLD) -j $(JOBS) --target $(TARGETS)
+
+# --- the unpatched llama.cpp: a clone of the extracted tree at tag `pristine` ------------------
+build/.pristine-src: build/.pristine
+	rm -rf $(PRISTINE_SRC)
+	git -c advice.detachedHead=false clone -q --branch pristine $(SRC) $(PRISTINE_SRC)
+	@touch $@
+
+$(PRISTINE_BLD)/build.ninja: build/.pristine-src Makefile
+	cmake -S $(PRISTINE_SRC) -B $(PRISTINE_BLD) $(CMAKE_OPTS) >/dev/null
+	@touch $@
+
+native-pristine: $(PRISTINE_BLD)/build.ninja
+	cmake --build $(PRISTINE_BLD) -j $(JOBS) --target llama-simple
 
 # --- Python environment --------------------------------------------------------------------
 $(VENV)/.stamp: pyproject.toml $(SDIST)
@@ -74,7 +95,7 @@ demo: all models data
 test-native: native
 	$(BIN)/test-chess-kernels
 
-test: all models data test-native
+test: all models data test-native native-pristine
 	$(VPY) -m pytest -q tests
 
 clean:

@@ -7,6 +7,7 @@ import sys
 import time
 
 from . import __version__
+from .data import TASKS
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -92,6 +93,48 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    from .evaluate import Options, evaluate, markdown_table, summary_lines, write_outputs
+
+    ppl = None if args.ppl.strip().lower() == "none" else args.ppl
+    opt = Options(levels=args.levels, methods=args.methods, ppl=ppl, ppl_tokens=args.ppl_tokens, tasks=args.tasks,
+                  limit=args.limit, ctx=args.ctx, threads=args.threads, progress=not args.quiet)
+    res = evaluate(args.model, opt, log=(lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr)))
+    if args.out:
+        for p in write_outputs(res, args.out):
+            print(f"wrote {p}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(markdown_table(res))
+        print()
+        for line in summary_lines(res):
+            print(line)
+    return 0
+
+
+def _eval_list(kind: str):
+    def parse(s: str):
+        from . import evaluate
+        try:
+            return getattr(evaluate, f"parse_{kind}")(s)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = kind
+    return parse
+
+
+def _positive(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
 def cmd_libdir(args: argparse.Namespace) -> int:
     from .interop import lib_dir
     print(lib_dir())
@@ -155,6 +198,37 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     i.set_defaults(fn=cmd_inspect)
+
+    e = sub.add_parser("eval", help="perplexity and the 8 zero-shot tasks, dense and per method x level",
+                       description="Evaluate a CHESS GGUF dense and at each method x level (masks on every "
+                                   "token, the paper's protocol): perplexity on a text and the 8 zero-shot tasks "
+                                   "of the paper, with the realised sparsity of each row. Perplexity follows "
+                                   "llama-perplexity: non-overlapping windows of --ctx tokens, BOS first in each "
+                                   "window if the model adds BOS, only the second half of each window scored, "
+                                   "exp(mean NLL). Tasks follow lm-evaluation-harness (0-shot log-likelihood of "
+                                   "each choice's continuation given the context; acc = argmax of the sum, "
+                                   "acc_norm = argmax of the sum / the choice's length in characters; winogrande "
+                                   "by partial scoring). Prints a Markdown table (accuracy in percent with its "
+                                   "95% interval) or, with --json, one JSON object.")
+    e.add_argument("model", help="CHESS GGUF file (a stock GGUF allows --levels off only)")
+    e.add_argument("--levels", type=_eval_list("levels"), default="off,0.5,0.7",
+                   help="off (the dense row) and/or stored levels (default off,0.5,0.7)")
+    e.add_argument("--methods", type=_eval_list("methods"), default="cats,chess-ffn,chess",
+                   help="sparse methods, from cats, chess-ffn, chess (default: all three)")
+    e.add_argument("--ppl", default="", metavar="FILE|none",
+                   help="perplexity text (default: the Wikipedia evaluation split data/wiki_eval.txt); none skips it")
+    e.add_argument("--ppl-tokens", type=_positive, default=16384,
+                   help="use at most this many tokens of the text: floor(N / ctx) windows (default 16384)")
+    e.add_argument("--tasks", type=_eval_list("tasks"), default=",".join(TASKS),
+                   help=f"comma-separated tasks, all, or none (default: all: {','.join(TASKS)})")
+    e.add_argument("--limit", type=_positive, default=None,
+                   help="a fixed subsample (seed 1234) of N items per task (default: every item)")
+    e.add_argument("--ctx", type=_positive, default=512, help="perplexity window in tokens (default 512)")
+    e.add_argument("--out", metavar="DIR", help="also write results.json, results.md and PNG plots into DIR")
+    e.add_argument("--json", action="store_true", help="print one JSON object instead of the Markdown table")
+    e.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-row timing on stderr")
+    e.set_defaults(fn=cmd_eval)
 
     d = sub.add_parser("libdir", help="print the folder of the patched libllama (for LLAMA_CPP_LIB_PATH)")
     d.set_defaults(fn=cmd_libdir)

@@ -1,0 +1,550 @@
+"""`eval`: perplexity and the paper's 8 zero-shot tasks, dense and per method x level.
+
+Perplexity (llama-perplexity's protocol). The whole text is tokenized once (BOS first if the
+model adds BOS; one trailing newline dropped, as llama.cpp's -f does) and cut into
+non-overlapping windows of n_ctx tokens; the first token of each window is replaced by BOS when
+the model adds BOS. Each window is decoded from an empty cache; only its second half is scored:
+the logits at positions n_ctx/2 .. n_ctx-2 predict the tokens at n_ctx/2+1 .. n_ctx-1
+(n_ctx - n_ctx/2 - 1 tokens per window). Perplexity = exp(mean negative log-likelihood).
+--ppl-tokens caps the text at floor(cap / n_ctx) windows.
+
+Zero-shot tasks (lm-evaluation-harness's loglikelihood protocol, 0-shot). Each choice is a
+(context, continuation) request; whitespace at the end of the context moves to the start of the
+continuation; context+continuation is tokenized together, the context alone, and the
+continuation is the combined tokens after the context's token count. The model input is BOS (if
+the model adds BOS) + context tokens + continuation tokens, left-truncated to TASK_CTX tokens.
+Score = sum of log P(continuation token | everything before it). acc = argmax of the score; acc_norm
+= argmax of score / len(choice) with len in characters of the choice without its leading space
+(lm-eval's completion_len; the same as UTF-8 bytes for ASCII choices), reported for arc_easy,
+arc_challenge, hellaswag, openbookqa, piqa, sciq (not boolq, winogrande, as lm-eval). winogrande
+uses partial scoring: each option completes a different context, all share one continuation.
+Ties go to the first choice (numpy argmax, as lm-eval).
+
+Speed: a question's requests share the tokens their contexts have in common. Ordinary multiple
+choice decodes the context once into the KV cache (its last logits row scores every choice's
+first token), then each choice decodes its continuation minus the last token, which is removed
+again (seq_rm) for the next choice; a one-token choice costs no decode at all. winogrande's two
+contexts share their common token prefix; each decodes its own tail.
+
+Numerics: ggml's CPU flash attention computes with Q in f16 for ubatches of fewer than 64 query
+rows and in fp32 (tiled kernel) from 64 rows, so llama.cpp's logits for a token depend a little
+on how many tokens were decoded together with it. Perplexity decodes half windows of >= 64 tokens
+(the same path as llama-perplexity's full windows); short task tails take the f16 path.
+
+Sparse rows set the runtime to (method, level) with masks on every token (prefill "masked", the
+paper's evaluation); realised sparsity is the runtime's counters over that row's runs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from .data import TASKS, default_eval_path, load_task, task_path
+from .runtime import Context, Model
+
+METHODS = ("cats", "chess-ffn", "chess")
+# Tasks for which lm-evaluation-harness reports acc_norm (its yaml lists the metric).
+ACC_NORM_TASKS = frozenset({"arc_easy", "arc_challenge", "hellaswag", "openbookqa", "piqa", "sciq"})
+SEED = 1234          # --limit subsample seed
+TASK_CTX = 2048      # longest task input (lm-eval's default max_length); longer inputs lose their start
+N_BATCH = 512        # llama.cpp's default ubatch
+# ggml's CPU flash attention uses an fp32 tiled kernel for ubatches of at least this many query rows
+# and rounds Q to f16 below it (GGML_FA_TILE_Q), so logits depend slightly on how tokens are batched.
+FA_TILE_ROWS = 64
+
+
+# --- argument parsing (used by the CLI; raise ValueError with a readable message) ------------
+
+def parse_levels(s: str) -> list[str]:
+    out = []
+    for x in s.split(","):
+        x = x.strip().lower()
+        if not x:
+            continue
+        if x == "off":
+            out.append("off")
+            continue
+        try:
+            v = float(x)
+        except ValueError:
+            raise ValueError(f"bad level {x!r}: expected off or a number such as 0.5") from None
+        if not 0.0 < v < 1.0:
+            raise ValueError(f"bad level {x!r}: a sparsity level is in (0, 1)")
+        out.append(f"{v:g}")
+    if not out:
+        raise ValueError("no levels given")
+    return list(dict.fromkeys(out))
+
+
+def parse_methods(s: str) -> list[str]:
+    out = [x.strip() for x in s.split(",") if x.strip()]
+    bad = [x for x in out if x not in METHODS]
+    if bad:
+        raise ValueError(f"unknown method {bad[0]!r} (valid: {', '.join(METHODS)})")
+    return list(dict.fromkeys(out))
+
+
+def parse_tasks(s: str) -> list[str]:
+    if s.strip().lower() == "none":
+        return []
+    if s.strip().lower() == "all":
+        return list(TASKS)
+    out = [x.strip() for x in s.split(",") if x.strip()]
+    bad = [x for x in out if x not in TASKS]
+    if bad:
+        raise ValueError(f"unknown task {bad[0]!r} (valid: {', '.join(TASKS)}, all or none)")
+    return list(dict.fromkeys(out))
+
+
+# --- small numeric helpers --------------------------------------------------------------------
+
+def log_softmax_at(logits: np.ndarray, targets: Sequence[int]) -> np.ndarray:
+    """log softmax(logits[i])[targets[i]] for each row i, in float64."""
+    x = np.asarray(logits, dtype=np.float32)
+    m = x.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(x - m, dtype=np.float32).sum(axis=1, dtype=np.float64)) + m[:, 0].astype(np.float64)
+    picked = x[np.arange(len(targets)), np.asarray(targets, dtype=np.int64)].astype(np.float64)
+    return picked - lse
+
+
+def binom_stderr(p: float, n: int) -> float:
+    return math.sqrt(p * (1.0 - p) / n) if n > 0 else float("nan")
+
+
+def subsample(n_items: int, limit: Optional[int]) -> list[int]:
+    """Indices of a fixed, seeded subsample of `limit` items (all items when limit is None or larger)."""
+    if limit is None or limit >= n_items:
+        return list(range(n_items))
+    return sorted(random.Random(SEED).sample(range(n_items), limit))
+
+
+# --- tokenization (lm-eval's context/continuation split) --------------------------------------
+
+def bos_tokens(model: Model) -> list[int]:
+    """[BOS] when the model's vocabulary adds one, else []."""
+    return model.tokenize("", add_special=True) if model.add_bos else []
+
+
+def encode_pair(model: Model, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context tokens with BOS if the model adds BOS, continuation tokens), split as lm-eval does."""
+    n_sp = len(context) - len(context.rstrip())
+    if n_sp:
+        context, continuation = context[:-n_sp], context[-n_sp:] + continuation
+    whole = model.tokenize(context + continuation, add_special=False)
+    ctx = model.tokenize(context, add_special=False)
+    cont = whole[len(ctx):]
+    if not cont:
+        raise ValueError(f"continuation {continuation!r} tokenizes to nothing after {context[-40:]!r}")
+    ctx = bos_tokens(model) + ctx
+    if not ctx:  # empty context and no BOS: condition on the BOS token anyway (lm-eval uses EOT)
+        ctx = [int(model._L.llama.llama_vocab_bos(model.vocab))]
+    return ctx, cont
+
+
+def task_requests(record: dict) -> tuple[list[tuple[str, str]], int]:
+    """(context, continuation) per choice of one task record, and the gold index."""
+    if "contexts" in record:  # winogrande: partial scoring
+        return [(c, record["continuation"]) for c in record["contexts"]], int(record["gold"])
+    return [(record["context"], ch) for ch in record["choices"]], int(record["gold"])
+
+
+def choice_length(continuation: str) -> int:
+    """lm-eval's acc_norm normalizer: characters of the choice text, without the target delimiter."""
+    return max(1, len(continuation[1:] if continuation.startswith(" ") else continuation))
+
+
+# --- scoring ------------------------------------------------------------------------------------
+
+def score_requests(ctx: Context, reqs: Sequence[tuple[list[int], list[int]]],
+                   max_len: int = TASK_CTX) -> tuple[list[float], int]:
+    """Sum of log P(continuation | context) for each (context tokens, continuation tokens) request.
+
+    The contexts' common token prefix is decoded once (sequence 0); each request then decodes its
+    own tail and the tail is removed again. Returns (log-likelihoods, tokens decoded)."""
+    fitted = []
+    for c, k in reqs:
+        if len(c) + len(k) - 1 > max_len:  # lm-eval keeps the last max_len+1 tokens of context+continuation
+            keep = max_len + 1 - len(k)
+            if keep < 1:
+                raise ValueError(f"a continuation of {len(k)} tokens does not fit in {max_len} tokens")
+            c = c[len(c) - keep:]
+        fitted.append((list(c), list(k)))
+    first = fitted[0][0]
+    ctx.clear()
+    lls = []
+    if all(c == first for c, _ in fitted):
+        # ordinary multiple choice: decode the context once; its last row predicts every choice's first
+        # token, and each choice decodes only its continuation minus the last token
+        row0 = ctx.decode(first, pos0=0, logits="last")[None, :]
+        n_dec, p = len(first), len(first)
+        for _, k in fitted:
+            ll = float(log_softmax_at(row0, k[:1])[0])
+            if len(k) > 1:
+                logits = ctx.decode(k[:-1], pos0=p, logits="all")
+                n_dec += len(k) - 1
+                ll += float(log_softmax_at(logits, k[1:]).sum())
+                ctx.seq_rm(0, p, -1)
+            lls.append(ll)
+        return lls, n_dec
+    # different contexts (winogrande): share their common token prefix, leaving every request at
+    # least its last context token to decode
+    p = min(len(c) for c, _ in fitted) - 1
+    for c, _ in fitted[1:]:
+        q = 0
+        while q < p and c[q] == first[q]:
+            q += 1
+        p = q
+    n_dec = 0
+    if p > 0:
+        ctx.decode(first[:p], pos0=0, logits="none")
+        n_dec += p
+    for c, k in fitted:
+        tail = c[p:] + k[:-1]
+        logits = ctx.decode(tail, pos0=p, logits="all")
+        n_dec += len(tail)
+        rows = logits[len(c) - p - 1:]  # the last context token predicts k[0], and so on
+        assert rows.shape[0] == len(k)
+        lls.append(float(log_softmax_at(rows, k).sum()))
+        ctx.seq_rm(0, p, -1)
+    return lls, n_dec
+
+
+@dataclass
+class TaskItem:
+    reqs: list[tuple[list[int], list[int]]]
+    lengths: list[int]
+    gold: int
+
+
+def prepare_task(model: Model, task: str, limit: Optional[int]) -> list[TaskItem]:
+    records = load_task(task)
+    items = []
+    for i in subsample(len(records), limit):
+        pairs, gold = task_requests(records[i])
+        items.append(TaskItem([encode_pair(model, c, k) for c, k in pairs], [choice_length(k) for _, k in pairs], gold))
+    return items
+
+
+def score_item(ctx: Context, item: TaskItem) -> tuple[int, int, list[float], int]:
+    """(acc, acc_norm, log-likelihoods, tokens decoded) of one question."""
+    lls, n = score_requests(ctx, item.reqs)
+    ll = np.array(lls)
+    acc = int(int(np.argmax(ll)) == item.gold)
+    acc_norm = int(int(np.argmax(ll / np.array(item.lengths, dtype=np.float64))) == item.gold)
+    return acc, acc_norm, lls, n
+
+
+# --- perplexity -------------------------------------------------------------------------------
+
+def read_ppl_text(path: str | os.PathLike) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: perplexity text not found")
+    with open(p, encoding="utf-8", errors="replace", newline="") as f:
+        text = f.read()
+    return text[:-1] if text.endswith("\n") else text  # as llama.cpp reads -f
+
+
+def ppl_windows(model: Model, text: str, n_ctx: int, max_tokens: Optional[int]) -> list[list[int]]:
+    """Windows exactly as llama-perplexity cuts them (see the module docstring)."""
+    toks = model.tokenize(text, add_special=True)
+    n = len(toks) // n_ctx
+    if max_tokens is not None:
+        n = min(n, max_tokens // n_ctx)
+    if n < 1:
+        raise ValueError(f"perplexity text too short: {len(toks)} tokens, need at least one window of {n_ctx} "
+                         f"(and --ppl-tokens >= --ctx)")
+    bos = bos_tokens(model)
+    wins = []
+    for i in range(n):
+        w = toks[i * n_ctx:(i + 1) * n_ctx]
+        if bos:
+            w[0] = bos[0]
+        wins.append(w)
+    return wins
+
+
+def window_nll(ctx: Context, w: list[int]) -> tuple[float, int]:
+    """(sum of NLL over the scored second half, number of scored tokens) of one window."""
+    first = len(w) // 2
+    ctx.clear()
+    if first >= FA_TILE_ROWS:  # both halves take ggml's fp32 attention path, as one batch would
+        ctx.decode(w[:first], pos0=0, logits="none")
+        logits = ctx.decode(w[first:], pos0=first, logits="all")  # rows for positions first .. n-1
+    else:
+        logits = ctx.decode(w, pos0=0, logits="all")[first:]
+    lp = log_softmax_at(logits[:-1], w[first + 1:])
+    return float(-lp.sum()), len(lp)
+
+
+# --- the evaluation ---------------------------------------------------------------------------
+
+@dataclass
+class Options:
+    levels: list[str] = field(default_factory=lambda: ["off", "0.5", "0.7"])
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    ppl: Optional[str] = ""           # a text file; "" = the default evaluation split; None = no perplexity
+    ppl_tokens: Optional[int] = 16384
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    limit: Optional[int] = None
+    ctx: int = 512
+    threads: Optional[int] = None
+    progress: bool = True
+
+
+def row_plan(levels: Sequence[str], methods: Sequence[str]) -> list[tuple[str, str]]:
+    rows = [("dense", "off")] if "off" in levels else []
+    rows += [(m, lv) for m in methods for lv in levels if lv != "off"]
+    return rows
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled and total:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, file=sys.stderr, unit="it", dynamic_ncols=True, leave=False)
+
+    def label(self, s: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(s)
+
+    def step(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def evaluate(path: str, opt: Options, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Run every row; returns {"results": [...], "config": {...}, "throughput": {...}}."""
+    if opt.ppl is None and not opt.tasks:
+        raise ValueError("nothing to evaluate: --ppl none and --tasks none")
+    if opt.ctx < 16:
+        raise ValueError(f"--ctx {opt.ctx}: use at least 16 tokens")
+    for t in opt.tasks:
+        task_path(t)  # fail early (with the fix) when the data is missing
+    model = Model(path)
+    plan = row_plan(opt.levels, opt.methods)
+    if not plan:
+        raise ValueError("no rows: give --levels with off and/or a stored level, and at least one method")
+    is_chess = bool(model.chess_levels)
+    if not is_chess and any(m != "dense" for m, _ in plan):
+        raise ValueError(f"{path}: not a CHESS model, only --levels off is possible (convert it first)")
+
+    ppl_file = None
+    windows: list[list[int]] = []
+    if opt.ppl is not None:
+        ppl_file = str(opt.ppl) if opt.ppl else str(default_eval_path())
+        windows = ppl_windows(model, read_ppl_text(ppl_file), opt.ctx, opt.ppl_tokens)
+    items = {t: prepare_task(model, t, opt.limit) for t in opt.tasks}
+
+    ctx = Context(model, n_ctx=max(opt.ctx, TASK_CTX), n_batch=N_BATCH, n_threads=opt.threads)
+    try:
+        for m, lv in plan:  # refuse a level that is not stored before running anything
+            if m != "dense":
+                try:
+                    ctx.chess_set(m, lv, "masked")
+                except ValueError as e:
+                    raise ValueError(f"{path}: {e}") from None
+        per_row = len(windows) + sum(len(v) for v in items.values())
+        bar = _Progress(per_row * len(plan), opt.progress)
+        results = []
+        t_all, n_all = 0.0, 0
+        for method, level in plan:
+            label = "dense" if method == "dense" else f"{method} {level}"
+            bar.label(label)
+            if method == "dense":
+                if is_chess:
+                    ctx.chess_set(level="off")
+            else:
+                ctx.chess_set(method, level, "masked")
+            if is_chess:
+                ctx.chess_stats_reset()
+            t0 = time.perf_counter()
+            n_tok = 0
+            row: dict = {"method": method, "level": level if level == "off" else float(level)}
+            if windows:
+                nll, cnt = 0.0, 0
+                for w in windows:
+                    a, b = window_nll(ctx, w)
+                    nll, cnt = nll + a, cnt + b
+                    n_tok += len(w)
+                    bar.step()
+                row["ppl"] = math.exp(nll / cnt)
+                row["ppl_scored_tokens"] = cnt
+            else:
+                row["ppl"] = None
+            tasks_out = {}
+            for t, its in items.items():
+                acc = accn = 0
+                for it in its:
+                    a, an, _, n = score_item(ctx, it)
+                    acc, accn, n_tok = acc + a, accn + an, n_tok + n
+                    bar.step()
+                n = len(its)
+                pa, pn = acc / n, accn / n
+                norm = t in ACC_NORM_TASKS
+                tasks_out[t] = {"acc": pa, "acc_norm": pn if norm else None, "n": n,
+                                "acc_stderr": binom_stderr(pa, n),
+                                "acc_norm_stderr": binom_stderr(pn, n) if norm else None}
+            dt = time.perf_counter() - t0
+            row["tasks"] = tasks_out
+            row["avg_acc"] = float(np.mean([v["acc"] for v in tasks_out.values()])) if tasks_out else None
+            if method == "dense":
+                row["realised_sparsity"] = 0.0
+                row["realised_sparsity_parts"] = {"ffn": 0.0, "attn_q": 0.0, "attn_o": 0.0}
+            else:
+                st = ctx.chess_stats()
+                row["realised_sparsity"] = st["ffn"]["sparsity"]
+                row["realised_sparsity_parts"] = {k: st[k]["sparsity"] for k in ("ffn", "attn_q", "attn_o")}
+            row["eval_tokens"] = n_tok
+            row["seconds"] = round(dt, 3)
+            row["tokens_per_s"] = n_tok / dt if dt > 0 else None
+            t_all, n_all = t_all + dt, n_all + n_tok
+            results.append(row)
+            log(f"{label}: {n_tok} tokens in {dt:.1f} s ({n_tok / max(dt, 1e-9):.1f} tok/s)")
+        bar.close()
+    finally:
+        ctx.close()
+        model.close()
+    config = {"model": str(path), "levels": opt.levels, "methods": opt.methods, "ctx": opt.ctx,
+              "ppl_file": ppl_file, "ppl_tokens_cap": opt.ppl_tokens, "ppl_windows": len(windows),
+              "tasks": opt.tasks, "limit": opt.limit, "seed": SEED, "threads": ctx.n_threads,
+              "task_max_len": TASK_CTX}
+    return {"results": results, "config": config,
+            "throughput": {"eval_tokens": n_all, "seconds": round(t_all, 3),
+                           "tokens_per_s": n_all / t_all if t_all > 0 else None}}
+
+
+# --- output -----------------------------------------------------------------------------------
+
+def _pct_ci(p: Optional[float], n: int) -> str:
+    if p is None:
+        return "–"
+    return f"{100 * p:.1f} ± {100 * 1.96 * binom_stderr(p, n):.1f}"
+
+
+def row_label(r: dict) -> str:
+    return "dense" if r["method"] == "dense" else f"{r['method']} {r['level']:g}"
+
+
+def _fmt(x: Optional[float], spec: str) -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def markdown_table(res: dict, metric: str = "acc") -> str:
+    """Rows: dense then method x level; columns: each task's metric (percent ± 95% CI), the average
+    (acc only), perplexity and realised FFN sparsity."""
+    rows = res["results"]
+    tasks = list(rows[0]["tasks"]) if rows else []
+    if metric != "acc":
+        tasks = [t for t in tasks if rows[0]["tasks"][t].get(metric) is not None]
+    has_ppl = any(r["ppl"] is not None for r in rows)
+    head = ["method", "level"] + tasks
+    if metric == "acc" and tasks:
+        head.append("avg acc")
+    if metric == "acc" and has_ppl:
+        head.append("ppl")
+    head.append("realised sparsity")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"], f"{r['level']:g}" if r["level"] != "off" else "off"]
+        cells += [_pct_ci(r["tasks"][t][metric], r["tasks"][t]["n"]) for t in tasks]
+        if metric == "acc" and tasks:
+            cells.append(_fmt(None if r["avg_acc"] is None else 100 * r["avg_acc"], ".1f"))
+        if metric == "acc" and has_ppl:
+            cells.append(_fmt(r["ppl"], ".3f"))
+        cells.append(_fmt(r["realised_sparsity"], ".3f"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summary_lines(res: dict) -> list[str]:
+    c, tp = res["config"], res["throughput"]
+    out = []
+    if c["ppl_file"]:
+        out.append(f"perplexity: {c['ppl_file']}, {c['ppl_windows']} windows of {c['ctx']} tokens, second half of "
+                   f"each scored (llama-perplexity protocol)")
+    if c["tasks"]:
+        n = {t: v["n"] for t, v in res["results"][0]["tasks"].items()} if res["results"] else {}
+        out.append(f"tasks: 0-shot, lm-eval log-likelihood scoring; items per task: "
+                   + ", ".join(f"{t} {k}" for t, k in n.items())
+                   + (f" (seeded subsample, seed {c['seed']})" if c["limit"] else ""))
+    out.append("accuracies in percent ± the 95% interval 1.96·sqrt(p(1-p)/n); sparse rows use masks on every "
+               "token; realised sparsity = fraction of FFN channels dropped (runtime counters)")
+    tps = tp["tokens_per_s"]
+    out.append(f"evaluation throughput: {tp['eval_tokens']} tokens in {tp['seconds']:.1f} s = "
+               f"{_fmt(tps, '.1f')} tokens/s ({c['threads']} threads); per row: "
+               + ", ".join(f"{row_label(r)} {_fmt(r['tokens_per_s'], '.0f')}" for r in res["results"]))
+    return out
+
+
+def markdown_report(res: dict) -> str:
+    c = res["config"]
+    parts = [f"# CHESS evaluation: {Path(c['model']).name}", "", markdown_table(res, "acc"), ""]
+    if c["tasks"] and any(t in ACC_NORM_TASKS for t in c["tasks"]):
+        parts += ["acc_norm (length-normalised, where lm-eval reports it):", "", markdown_table(res, "acc_norm"), ""]
+    parts += [f"- {s}" for s in summary_lines(res)]
+    parts += ["", "Realised sparsity per part (FFN, W_q input, W_o input):", ""]
+    for r in res["results"]:
+        p = r["realised_sparsity_parts"]
+        parts.append(f"- {row_label(r)}: " + ", ".join(f"{k} {_fmt(v, '.3f')}" for k, v in p.items()))
+    return "\n".join(parts) + "\n"
+
+
+def write_plots(res: dict, out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = res["results"]
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    written = []
+    for key, ylabel, fname in (("ppl", "perplexity", "ppl_vs_sparsity.png"),
+                               ("avg_acc", "average accuracy (%)", "acc_vs_sparsity.png")):
+        if not any(r[key] is not None for r in rows):
+            continue
+        scale = 100.0 if key == "avg_acc" else 1.0
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        for m in METHODS:
+            pts = sorted((r["realised_sparsity"], r[key] * scale, f"{r['level']:g}") for r in rows
+                         if r["method"] == m and r[key] is not None and r["realised_sparsity"] is not None)
+            if not pts:
+                continue
+            xs, ys, lv = zip(*pts)
+            ax.plot(xs, ys, marker="o", label=m)
+            for x, y, s in pts:
+                ax.annotate(s, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if dense is not None and dense[key] is not None:
+            ax.axhline(dense[key] * scale, color="gray", linestyle="--", linewidth=1)
+            ax.plot([0.0], [dense[key] * scale], marker="s", color="black", linestyle="none", label="dense")
+        ax.set_xlabel("realised FFN sparsity")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{Path(res['config']['model']).name}: {ylabel} vs sparsity", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=120)
+        plt.close(fig)
+        written.append(out / fname)
+    return written
+
+
+def write_outputs(res: dict, out: str | os.PathLike) -> list[Path]:
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    (d / "results.md").write_text(markdown_report(res))
+    return [d / "results.json", d / "results.md"] + write_plots(res, d)

@@ -1,0 +1,216 @@
+"""`eval`: perplexity against llama-perplexity, task scoring against an independent decode, output shape,
+options and errors. Small on purpose: a few hundred perplexity tokens, --limit 2-3, one thread.
+
+Set CHESS_GGUF_TEST_CHESS_MODEL to an existing SmolLM2 CHESS file (levels 0.5 and 0.7 stored) to skip
+the session conversion while developing."""
+import json
+import os
+import re
+import subprocess
+
+import numpy as np
+import pytest
+
+from chess_gguf import evaluate as E
+from chess_gguf.data import TASKS, default_eval_path, load_task
+from chess_gguf.runtime import Context, Model
+from conftest import BIN, run_cli
+
+
+@pytest.fixture(scope="session")
+def chess_model(request):
+    env = os.environ.get("CHESS_GGUF_TEST_CHESS_MODEL")
+    return env if env else str(request.getfixturevalue("smol_chess"))
+
+
+@pytest.fixture(scope="session")
+def short_text(tmp_path_factory):
+    """The first ~6 KB of the evaluation split (about 1400 SmolLM2 tokens)."""
+    p = tmp_path_factory.mktemp("ppl") / "wiki_head.txt"
+    p.write_text(default_eval_path().read_text(encoding="utf-8")[:6000], encoding="utf-8")
+    return p
+
+
+def _llama_perplexity(model, text, ctx, chunks, env):
+    e = dict(os.environ)
+    e.update(env)
+    r = subprocess.run([str(BIN / "llama-perplexity"), "-m", str(model), "-f", str(text), "-c", str(ctx),
+                        "--chunks", str(chunks), "-t", "1"], capture_output=True, text=True, env=e)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)
+    assert m, (r.stdout + r.stderr)[-2000:]
+    return float(m.group(1))
+
+
+def test_perplexity_matches_llama_perplexity(chess_model, short_text):
+    """Same text, window and number of windows: dense and a sparse row (masks on every token) both agree
+    with the patched llama-perplexity within 0.5%."""
+    ctx, chunks = 128, 4
+    r = run_cli("eval", chess_model, "--ppl", short_text, "--ctx", ctx, "--ppl-tokens", ctx * chunks,
+                "--tasks", "none", "--levels", "off,0.5", "--methods", "chess", "--json", "--threads", "1", "-q")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["results"]
+    assert [(x["method"], x["level"]) for x in rows] == [("dense", "off"), ("chess", 0.5)]
+    assert rows[0]["ppl_scored_tokens"] == chunks * (ctx - ctx // 2 - 1)
+    ref_dense = _llama_perplexity(chess_model, short_text, ctx, chunks, {"CHESS_LEVEL": "off"})
+    ref_sparse = _llama_perplexity(chess_model, short_text, ctx, chunks,
+                                   {"CHESS_LEVEL": "0.5", "CHESS_METHOD": "chess", "CHESS_PREFILL": "masked"})
+    print("eval", rows[0]["ppl"], rows[1]["ppl"], "llama-perplexity", ref_dense, ref_sparse)
+    assert rows[0]["ppl"] == pytest.approx(ref_dense, rel=5e-3)
+    assert rows[1]["ppl"] == pytest.approx(ref_sparse, rel=5e-3)
+    assert rows[1]["ppl"] > rows[0]["ppl"]
+
+
+def test_encode_pair_moves_context_whitespace(chess_model):
+    m = Model(chess_model)
+    a = E.encode_pair(m, "The capital of France is ", "Paris")
+    b = E.encode_pair(m, "The capital of France is", " Paris")
+    assert a == b
+    ctx, cont = b
+    assert m.detokenize(cont) == " Paris"
+    assert m.detokenize(ctx) == "The capital of France is"
+
+
+def _reference_loglik(c, model, context, continuation):
+    """Independent: context+continuation decoded in one batch from an empty cache, logits for every
+    token, log-softmax summed at the continuation tokens."""
+    ctx_toks = model.tokenize(context, add_special=False)
+    cont = model.tokenize(context + continuation, add_special=False)[len(ctx_toks):]
+    bos = model.tokenize("", add_special=True) if model.add_bos else []
+    full = bos + ctx_toks + cont
+    c.clear()
+    logits = c.decode(full, logits="all").astype(np.float64)
+    total = 0.0
+    for j, tok in enumerate(cont):
+        row = logits[len(full) - len(cont) - 1 + j]
+        total += row[tok] - (row.max() + np.log(np.exp(row - row.max()).sum()))
+    return total, len(full)
+
+
+def _hand_items():
+    yield "hand", {"context": "The capital of France is", "choices": [" Paris", " a small green frog", " London"],
+                   "gold": 0}
+    yield "hand", {"context": "Question: What do bees make?\nAnswer:", "choices": [" honey", " steel", " glass"],
+                   "gold": 0}
+    for task in ("arc_easy", "winogrande", "piqa", "openbookqa"):  # a few short real items
+        recs = load_task(task)
+        picked = 0
+        for i in E.subsample(len(recs), 40):
+            pairs, _ = E.task_requests(recs[i])
+            if max(len(a) + len(b) for a, b in pairs) < 150 and picked < 2:  # ~< 40 tokens: one attention path
+                picked += 1
+                yield task, recs[i]
+
+
+@pytest.mark.parametrize("level", ["off", "0.5"])
+def test_task_scoring_matches_independent_decode(chess_model, level):
+    """The scorer (shared context prefix in the KV cache, tails removed again) gives each choice the same
+    log-likelihood as a full one-batch decode, and acc/acc_norm are the argmaxes.
+
+    Items are short (< 64 tokens): ggml's CPU flash attention rounds Q to f16 in ubatches under 64
+    rows and uses fp32 above, so a long item decoded in one batch differs from the prefix+tail split by
+    llama.cpp's own batch-size dependence, not by the scorer (docs/results.md)."""
+    m = Model(chess_model)
+    with Context(m, n_ctx=512, n_batch=512, n_threads=1) as c, Context(m, n_ctx=512, n_threads=1) as ref:
+        for x in (c, ref):
+            x.chess_set("chess", level, "masked") if level != "off" else x.chess_set(level="off")
+        seen = 0
+        for task, rec in _hand_items():
+            pairs, gold = E.task_requests(rec)
+            item = E.TaskItem([E.encode_pair(m, a, b) for a, b in pairs], [E.choice_length(b) for _, b in pairs], gold)
+            acc, acc_norm, lls, n_dec = E.score_item(c, item)
+            want = []
+            for a, b in pairs:
+                ll, n = _reference_loglik(ref, m, a, b)
+                assert n < E.FA_TILE_ROWS
+                want.append(ll)
+            np.testing.assert_allclose(lls, want, atol=1e-3, rtol=0, err_msg=f"{task} {rec}")
+            assert acc == int(np.argmax(want) == gold)
+            lens = [len(b[1:]) if b.startswith(" ") else len(b) for _, b in pairs]  # lm-eval: the choice, no delimiter
+            assert acc_norm == int(np.argmax(np.array(want) / lens) == gold)
+            # sharing: a multiple-choice context is decoded once, not once per choice
+            unshared = sum(len(ct) + len(k) - 1 for ct, k in item.reqs)
+            assert n_dec < unshared if task != "winogrande" else n_dec <= unshared
+            if task == "hand" and level == "off":
+                assert acc == 1, (rec, lls)  # "Paris", "honey"
+            seen += 1
+        assert seen >= 8
+
+
+def test_log_softmax_and_subsample():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 1000)).astype(np.float32) * 8
+    t = [3, 999, 0, 17, 500]
+    x64 = x.astype(np.float64)
+    want = x64[np.arange(5), t] - np.log(np.exp(x64).sum(1))
+    np.testing.assert_allclose(E.log_softmax_at(x, t), want, atol=1e-5)
+    a = E.subsample(1000, 7)
+    assert a == E.subsample(1000, 7) and len(set(a)) == 7 and a == sorted(a)
+    assert E.subsample(5, 7) == list(range(5)) and E.subsample(5, None) == list(range(5))
+    assert E.choice_length(" Paris") == 5 and E.choice_length("é") == 1
+
+
+def test_json_shape_and_out_dir(chess_model, short_text, tmp_path):
+    out = tmp_path / "ev"
+    r = run_cli("eval", chess_model, "--levels", "off,0.5", "--methods", "cats,chess", "--tasks",
+                "arc_easy,winogrande", "--limit", "2", "--ppl", short_text, "--ctx", "128", "--ppl-tokens", "256",
+                "--json", "--threads", "1", "--out", out)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    rows = res["results"]
+    assert [(x["method"], x["level"]) for x in rows] == [("dense", "off"), ("cats", 0.5), ("chess", 0.5)]
+    for row in rows:
+        assert set(row) >= {"method", "level", "ppl", "realised_sparsity", "tasks", "avg_acc"}
+        assert row["ppl"] > 1
+        assert set(row["tasks"]) == {"arc_easy", "winogrande"}
+        for t, v in row["tasks"].items():
+            assert v["n"] == 2 and v["acc"] in (0.0, 0.5, 1.0)
+            assert (v["acc_norm"] is None) == (t == "winogrande")
+        assert row["avg_acc"] == pytest.approx(np.mean([v["acc"] for v in row["tasks"].values()]))
+    assert rows[0]["realised_sparsity"] == 0.0
+    for row in rows[1:]:
+        assert 0.4 < row["realised_sparsity"] < 0.6
+    assert rows[1]["realised_sparsity_parts"]["attn_q"] is None  # CATS thresholds the FFN only
+    assert rows[2]["realised_sparsity_parts"]["attn_q"] > 0.3
+    assert res["throughput"]["tokens_per_s"] > 0
+    assert json.loads((out / "results.json").read_text())["results"] == rows
+    md = (out / "results.md").read_text()
+    assert "| method | level | arc_easy | winogrande | avg acc | ppl | realised sparsity |" in md
+    assert "±" in md and "tokens/s" in md
+    for png in ("ppl_vs_sparsity.png", "acc_vs_sparsity.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tasks_none_and_ppl_none(chess_model, short_text):
+    r = run_cli("eval", chess_model, "--levels", "off", "--tasks", "none", "--ppl", short_text, "--ctx", "128",
+                "--ppl-tokens", "256", "--threads", "1", "-q")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "| method | level | ppl | realised sparsity |" and lines[2].startswith("| dense | off | ")
+    assert "tokens/s" in r.stdout
+    r = run_cli("eval", chess_model, "--levels", "0.5", "--methods", "chess-ffn", "--ppl", "none", "--tasks",
+                "boolq", "--limit", "2", "--json", "--threads", "1", "-q")
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(r.stdout)["results"]
+    assert row["method"] == "chess-ffn" and row["ppl"] is None and row["tasks"]["boolq"]["acc_norm"] is None
+    assert row["realised_sparsity_parts"]["attn_o"] is None and row["realised_sparsity"] > 0.4
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["--tasks", "arc_easy,mmlu"], 2, "unknown task 'mmlu' (valid: " + ", ".join(TASKS)),
+    (["--methods", "teal"], 2, "unknown method 'teal'"),
+    (["--levels", "0.55", "--tasks", "none"], 1, "'0.55' is not a level stored"),
+    (["--ppl", "none", "--tasks", "none"], 1, "nothing to evaluate"),
+])
+def test_errors(chess_model, args, code, needle):
+    r = run_cli("eval", chess_model, *args, "--threads", "1", "-q")
+    assert r.returncode == code, r.stderr
+    assert needle in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("bad", ["missing.chess.gguf", "README.md"])
+def test_bad_model_file(bad):
+    r = run_cli("eval", bad, "--tasks", "none", "-q")
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and bad in lines[0], r.stderr

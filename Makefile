@@ -12,10 +12,11 @@ SRC         := build/llama.cpp
 BLD         := build/cmake
 BIN         := $(BLD)/bin
 PATCHES     := $(sort $(wildcard native/patches/*.patch))
-NATIVE_SRCS := $(wildcard native/CMakeLists.txt native/src/* native/tests/*)
+NATIVE_SRCS := $(wildcard native/CMakeLists.txt native/src/* native/tests/* native/tools/*)
 VENV        := .venv
 VPY         := $(VENV)/bin/python
-TARGETS     := llama llama-cli llama-server llama-bench llama-perplexity llama-quantize test-chess-kernels llama-simple
+TARGETS     := llama llama-cli llama-server llama-bench llama-perplexity llama-quantize test-chess-kernels chess-bench-kernels llama-simple \
+              $(if $(filter x86_64,$(shell uname -m)),test-chess-kernels-avx2 test-chess-kernels-scalar)
 CCACHE      := $(shell command -v ccache 2>/dev/null)
 # The unpatched llama.cpp (tag `pristine`), built with the same options: tests/test_stock.py
 # checks that stock GGUF files decode to the same tokens with and without our patches.
@@ -94,6 +95,9 @@ demo: all models data
 
 test-native: native
 	$(BIN)/test-chess-kernels
+	@for v in avx2 scalar; do if [ -x $(BIN)/test-chess-kernels-$$v ]; then \
+	  r=$$($(BIN)/test-chess-kernels-$$v | tail -1); echo "kernels built for $$v: $$r"; \
+	  case "$$r" in *" 0 failed") ;; *) exit 1;; esac; fi; done
 
 test: all models data test-native native-pristine
 	$(VPY) -m pytest -q tests

@@ -1,4 +1,4 @@
-"""Command line: `python -m chess_gguf {generate,convert,inspect} ...`."""
+"""Command line: `python -m chess_gguf {generate,convert,inspect,eval,bench} ...`."""
 from __future__ import annotations
 
 import argparse
@@ -91,6 +91,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         print_report(res)
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import command
+    return command(args)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -198,6 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     i.set_defaults(fn=cmd_inspect)
+
+    from .bench import add_arguments as bench_arguments  # standard library only at import
+    b = sub.add_parser("bench", help="decode and prompt speed per CHESS level against off",
+                       description="Decode (128 tokens) and prompt (256 tokens) speed of a CHESS file for each "
+                                   "method and level, interleaved with dense (off) runs in one context: medians, "
+                                   "ratios against off, realised sparsity and the ideal (weight bytes) speedup. "
+                                   "--kernels runs the native kernel benchmark instead.")
+    bench_arguments(b)
+    b.set_defaults(fn=cmd_bench)
 
     e = sub.add_parser("eval", help="perplexity and the 8 zero-shot tasks, dense and per method x level",
                        description="Evaluate a CHESS GGUF dense and at each method x level (masks on every "

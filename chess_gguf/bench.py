@@ -1,0 +1,443 @@
+"""`bench`: decode and prompt speed of a CHESS file per (method, level), against `off`.
+
+End to end (the default): one Context, one binary, runs interleaved round by round
+(off, 0.5, 0.7, off, 0.5, 0.7, ...) so that drifting machine load hits every setting alike.
+  decode  like llama-bench's tg: clear the KV cache, decode an 8-token prompt of real text, then
+          time DECODE single-token decode calls (128; fixed real-text tokens, one call each);
+  prompt  like llama-bench's pp: clear the KV cache, time one decode of PROMPT tokens (256).
+Reported: per-setting medians (tok/s) over the rounds, the ratio of each median to the `off`
+median, the realised sparsity of the decoded tokens (the runtime's counters), and the ideal
+speedup: weight bytes read per decoded token dense / sparse at that realised sparsity.
+
+With --kernels: the native kernel benchmark (chess-bench-kernels) for each level's kept fraction
+and thread counts 1 and --threads, instead of the end-to-end runs.
+
+Only the standard library is imported at module level (the CLI builds its parser from here).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+METHODS = ("chess", "chess-ffn", "cats")
+# Which parts each method sparsifies (names of the realised-sparsity dict).
+SPARSE_PARTS = {"chess": ("ffn", "q", "o"), "chess-ffn": ("ffn",), "cats": ("ffn",)}
+# realised-sparsity name -> Context.chess_stats() name
+STATS_PART = {"ffn": "ffn", "q": "attn_q", "o": "attn_o"}
+PREFIX_TOKENS = 8
+DENSE = "dense"  # the method name of the `off` run (one dense run serves every method)
+KERNEL_BIN = "chess-bench-kernels"
+
+_BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
+# A per-layer weight that decoding reads sparsely: (realised-sparsity part, the tensor actually
+# read when sparse: None = the same tensor row by row, else the transposed CHESS copy).
+_SPARSE_READS = {
+    "ffn_up.weight": ("ffn", None),
+    "ffn_down.weight": ("ffn", "chess_wt_down"),
+    "attn_q.weight": ("q", "chess_wt_q"),
+    "attn_output.weight": ("o", "chess_wt_o"),
+}
+
+
+# --- pure arithmetic ----------------------------------------------------------------------------
+
+def _part_sparsity(sparsity: Mapping | None, part: str, il: int) -> float:
+    """Sparsity of one part in layer il: a per-layer list entry, else a scalar; missing or NaN = 0."""
+    v = (sparsity or {}).get(part)
+    if hasattr(v, "__len__"):
+        v = v[il] if il < len(v) else None
+    if v is None or math.isnan(float(v)):
+        return 0.0
+    return min(max(float(v), 0.0), 1.0)
+
+
+def decode_bytes(tensors: Mapping[str, int], method: str | None = None,
+                 sparsity: Mapping | None = None) -> float:
+    """Bytes of weights read per decoded token.
+
+    tensors: name -> n_bytes of every tensor in the file. Dense (method None): every original
+    per-layer tensor (attention q/k/v/o, FFN gate/up/down, biases, norms), the global tensors
+    (output norm, ...) and the output head: output.weight, or token_embd.weight when the head is
+    tied; token_embd.weight is not counted when a separate output.weight exists (decoding reads
+    one of its rows). Sparse (method chess, chess-ffn or cats): in a layer that has the CHESS copy,
+    ffn_up counts n_bytes*(1-s_ffn), ffn_down is replaced by chess_wt_down*(1-s_ffn), and for chess
+    attn_q by chess_wt_q*(1-s_q) and attn_output by chess_wt_o*(1-s_o). sparsity: {"ffn", "q", "o"}
+    -> a fraction or a per-layer list of fractions (NaN/None = that layer runs dense)."""
+    if method is not None and method not in SPARSE_PARTS:
+        raise ValueError(f"unknown method {method!r} (expected one of {', '.join(METHODS)})")
+    parts = SPARSE_PARTS[method] if method else ()
+    total = 0.0
+    for name, nb in tensors.items():
+        m = _BLK.match(name)
+        if m is None:
+            if name == "token_embd.weight" and "output.weight" in tensors:
+                continue
+            total += nb
+            continue
+        il, kind = int(m.group(1)), m.group(2)
+        if kind.startswith("chess_"):
+            continue  # counted in place of the original it replaces
+        part, copy = _SPARSE_READS.get(kind, (None, None))
+        gate = f"blk.{il}.{copy or 'chess_wt_down'}"  # the layer runs this part sparsely iff it has the copy
+        if part in parts and gate in tensors:
+            read = tensors[f"blk.{il}.{copy}"] if copy else nb
+            total += read * (1.0 - _part_sparsity(sparsity, part, il))
+        else:
+            total += nb
+    return total
+
+
+def ideal_speedup(tensors: Mapping[str, int], method: str | None, sparsity: Mapping | None) -> float:
+    """Dense bytes per decoded token / sparse bytes at that sparsity (1.0 for method None)."""
+    sparse = decode_bytes(tensors, method, sparsity)
+    return decode_bytes(tensors) / sparse if sparse > 0 else float("inf")
+
+
+def speedup_key(method: str, level: str, methods: Sequence[str]) -> str:
+    """'<level>' for the default single method chess, else '<method>@<level>'."""
+    return level if list(methods) == ["chess"] else f"{method}@{level}"
+
+
+# --- arguments ------------------------------------------------------------------------------------
+
+def _level_name(x: str) -> str:
+    x = x.strip()
+    if x in ("off", "default"):
+        return x
+    try:
+        v = float(x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad level {x!r}: expected off, default or a number") from None
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"bad level {x!r}: a level is in (0, 1)")
+    return f"{v:g}"
+
+
+def parse_levels(s: str) -> list[str]:
+    out = []
+    for x in s.split(","):
+        if x.strip() and _level_name(x) not in out:
+            out.append(_level_name(x))
+    if not out:
+        raise argparse.ArgumentTypeError("--levels: no level given")
+    return out
+
+
+def parse_methods(s: str) -> list[str]:
+    out = []
+    for x in (x.strip() for x in s.split(",")):
+        if not x:
+            continue
+        if x not in METHODS:
+            raise argparse.ArgumentTypeError(f"unknown method {x!r} (expected {', '.join(METHODS)})")
+        if x not in out:
+            out.append(x)
+    if not out:
+        raise argparse.ArgumentTypeError("--methods: no method given")
+    return out
+
+
+def _positive(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="CHESS GGUF file (python -m chess_gguf convert)")
+    p.add_argument("--levels", type=parse_levels, default=None,
+                   help="comma-separated levels: off, default or stored levels (default: off and every stored "
+                        "level; off is always measured, it is the baseline of the ratios)")
+    p.add_argument("--methods", type=parse_methods, default=["chess"],
+                   help="comma-separated methods: chess, chess-ffn, cats (default chess)")
+    p.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--reps", type=_positive, default=5, help="interleaved rounds; medians over them (default 5)")
+    p.add_argument("--prefill", choices=["dense", "masked"], default="dense",
+                   help="prompt processing of the sparse settings: dense (default) or masked like decoding")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--kernels", action="store_true",
+                   help=f"run the native kernel benchmark ({KERNEL_BIN}) instead, for each level's kept "
+                        "fraction and threads 1 and --threads")
+    p.add_argument("--decode-tokens", type=_positive, default=128, help="advanced: timed decode tokens (default 128)")
+    p.add_argument("--prompt-tokens", type=_positive, default=256, help="advanced: prompt tokens (default 256)")
+
+
+# --- the file -------------------------------------------------------------------------------------
+
+def read_file(path: str | os.PathLike) -> dict:
+    """Tensor sizes, stored levels and default level of a CHESS file (clear errors otherwise)."""
+    from . import gguf_io
+    r = gguf_io.read(path)  # missing/bad file: one line naming it
+    tensors = {t.name: int(t.n_bytes) for t in r.tensors}
+    levels = gguf_io.field_value(r, "chess.levels")
+    if gguf_io.field_value(r, "chess.version") is None or not levels:
+        raise ValueError(f"{path}: not a CHESS file (no chess.* keys): run `python -m chess_gguf convert` first")
+    if not any(gguf_io.is_chess_tensor(n) for n in tensors):
+        raise ValueError(f"{path}: CHESS keys but no CHESS tensors: reconvert it with `python -m chess_gguf convert`")
+    default = gguf_io.field_value(r, "chess.default_level")
+    return {"tensors": tensors, "levels": [f"{round(float(x), 6):g}" for x in levels],
+            "default": None if default is None else f"{round(float(default), 6):g}"}
+
+
+def _resolve_levels(requested: Sequence[str] | None, info: dict) -> list[str]:
+    """'off' first (always: it is the baseline), then the sparse levels; 'default' -> the file's."""
+    req = list(requested) if requested else info["levels"]
+    out = ["off"]
+    for lv in req:
+        lv = info["default"] if lv == "default" and info["default"] else lv
+        if lv not in out:
+            out.append(lv)
+    return out
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- end-to-end benchmark -------------------------------------------------------------------------
+
+def _text_tokens(model, n: int) -> list[int]:
+    """BOS (when the model adds one) + real text from the evaluation split: n tokens."""
+    from .data import default_eval_path
+    text = default_eval_path().read_text(encoding="utf-8", errors="replace")
+    chars = 8 * n
+    while True:
+        toks = model.tokenize(text[:chars], add_special=True)
+        if len(toks) >= n or chars >= len(text):
+            break
+        chars *= 2
+    if len(toks) < n:
+        raise ValueError(f"{default_eval_path()}: only {len(toks)} tokens, {n} needed")
+    return toks[:n]
+
+
+def _sparsity_of(stats: dict) -> tuple[dict, dict]:
+    """(overall, per-layer) realised sparsity {"ffn", "q", "o"} from Context.chess_stats();
+    a part without counts ran dense: 0."""
+    overall, per_layer = {}, {}
+    for part, key in STATS_PART.items():
+        s = stats[key]["sparsity"]
+        overall[part] = 0.0 if s is None else float(s)
+        per_layer[part] = [0.0 if (x is None or math.isnan(x)) else float(x) for x in stats[key]["per_layer"]]
+    return overall, per_layer
+
+
+def _mean(rows: Sequence[Sequence[float]]) -> list[float]:
+    return [sum(col) / len(col) for col in zip(*rows, strict=True)]
+
+
+def run(path: str | os.PathLike, *, levels: Sequence[str] | None = None, methods: Sequence[str] = ("chess",),
+        threads: int | None = None, reps: int = 5, decode_tokens: int = 128, prompt_tokens: int = 256,
+        prefill: str = "dense", progress=_progress) -> dict:
+    """The end-to-end benchmark; returns the JSON object `bench --json` prints."""
+    from .runtime import Context, Model
+
+    info = read_file(path)
+    lvls = _resolve_levels(levels, info)
+    methods = list(methods)
+    threads = threads or os.cpu_count() or 1
+    configs = [(DENSE, "off")] + [(m, lv) for m in methods for lv in lvls if lv != "off"]
+    model = Model(path)
+    try:
+        toks = _text_tokens(model, max(PREFIX_TOKENS + decode_tokens, prompt_tokens))
+        prefix, prompt = toks[:PREFIX_TOKENS], toks[:prompt_tokens]
+        dec = toks[PREFIX_TOKENS:PREFIX_TOKENS + decode_tokens]
+        need = max(512, PREFIX_TOKENS + decode_tokens, prompt_tokens)
+        n_ctx = -(-need // 256) * 256
+        runs = {c: {k: [] for k in ("decode", "prefill", "ffn", "q", "o", "layers", "counted")} for c in configs}
+
+        with Context(model, n_ctx=n_ctx, n_batch=max(256, prompt_tokens), n_threads=threads) as ctx:
+            def select(method: str, level: str) -> None:
+                ctx.chess_set(None if method == DENSE else method, level, prefill)
+
+            def decode_run() -> float:
+                ctx.clear()
+                ctx.decode(prefix, logits="compute")
+                ctx.chess_stats_reset()
+                t0 = time.perf_counter()
+                for t in dec:
+                    ctx.decode([t], logits="compute")  # output row computed, nothing copied back
+                return len(dec) / (time.perf_counter() - t0)
+
+            def prefill_run() -> float:
+                ctx.clear()
+                t0 = time.perf_counter()
+                ctx.decode(prompt, logits="last")
+                return len(prompt) / (time.perf_counter() - t0)
+
+            # Every setting is validated (the runtime's message on a level the file lacks) and warmed
+            # up before anything is timed.
+            for method, level in configs:
+                select(method, level)
+                ctx.clear()
+                ctx.decode(prefix, logits="compute")
+                for t in dec[:4]:
+                    ctx.decode([t], logits="compute")
+            for rep in range(reps):
+                for method, level in configs:
+                    select(method, level)
+                    r = runs[(method, level)]
+                    r["decode"].append(decode_run())
+                    st = ctx.chess_stats()
+                    r["counted"].append(st["tokens"])
+                    overall, per_layer = _sparsity_of(st)
+                    for part in SPARSE_PARTS["chess"]:
+                        r[part].append(overall[part])
+                    r["layers"].append(per_layer)
+                    r["prefill"].append(prefill_run())
+                    progress(f"round {rep + 1}/{reps}: {method} {level}: decode {r['decode'][-1]:.1f} tok/s, "
+                             f"prompt {r['prefill'][-1]:.1f} tok/s")
+    finally:
+        model.close()
+
+    results, dec_sp, pre_sp, ideal = [], {}, {}, {}
+    base = runs[(DENSE, "off")]
+    base_dec, base_pre = statistics.median(base["decode"]), statistics.median(base["prefill"])
+    for method, level in configs:
+        r = runs[(method, level)]
+        sparse_method = None if method == DENSE else method
+        per_layer = {part: _mean([lay[part] for lay in r["layers"]]) for part in SPARSE_PARTS["chess"]}
+        d, p = statistics.median(r["decode"]), statistics.median(r["prefill"])
+        res = {"level": level if level == "off" else float(level), "method": method,
+               "decode_tps": d, "prefill_tps": p,
+               "decode_tps_runs": r["decode"], "prefill_tps_runs": r["prefill"],
+               "realised_sparsity": {part: sum(r[part]) / len(r[part]) for part in SPARSE_PARTS["chess"]},
+               "realised_sparsity_per_layer": per_layer,
+               "sparse_tokens": max(r["counted"]),
+               "ideal_speedup": ideal_speedup(info["tensors"], sparse_method, per_layer),
+               "decode_speedup": d / base_dec, "prefill_speedup": p / base_pre}
+        results.append(res)
+        if method != DENSE:
+            k = speedup_key(method, level, methods)
+            dec_sp[k], pre_sp[k], ideal[k] = res["decode_speedup"], res["prefill_speedup"], res["ideal_speedup"]
+    return {"file": str(path), "threads": threads, "reps": reps, "decode_tokens": len(dec),
+            "prompt_prefix_tokens": len(prefix), "prompt_tokens": len(prompt), "prefill": prefill,
+            "weight_bytes_dense": decode_bytes(info["tensors"]),
+            "results": results, "decode_speedup": dec_sp, "prefill_speedup": pre_sp, "ideal_speedup": ideal}
+
+
+def print_table(res: dict, out=None) -> None:
+    out = out or sys.stdout
+
+    def w(line: str) -> None:
+        print(line, file=out)
+
+    w(f"{res['file']}: {res['threads']} threads, median of {res['reps']} interleaved rounds; decode: "
+      f"{res['decode_tokens']} tokens after a {res['prompt_prefix_tokens']}-token prompt; prompt: "
+      f"{res['prompt_tokens']} tokens ({res['prefill']} prefill for sparse levels)")
+    w(f"{'method':<10} {'level':>5}  {'decode t/s':>10} {'speedup':>8} {'ideal':>6}  {'prompt t/s':>10} "
+      f"{'speedup':>8}  {'sparsity ffn':>12} {'q':>5} {'o':>5}")
+    for r in res["results"]:
+        s = r["realised_sparsity"]
+        lv = r["level"] if r["level"] == "off" else f"{r['level']:g}"
+        w(f"{r['method']:<10} {lv:>5}  {r['decode_tps']:>10.1f} {r['decode_speedup']:>7.2f}x "
+          f"{r['ideal_speedup']:>5.2f}x  {r['prefill_tps']:>10.1f} {r['prefill_speedup']:>7.2f}x  "
+          f"{s['ffn']:>12.3f} {s['q']:>5.3f} {s['o']:>5.3f}")
+    w("speedup: median tok/s / median tok/s of off (same context). ideal: weight bytes read per decoded "
+      "token, dense / sparse at the realised sparsity.")
+
+
+# --- native kernel benchmark ----------------------------------------------------------------------
+
+def kernel_bin() -> Path:
+    """chess-bench-kernels beside the patched libllama: $CHESS_GGUF_LIB (a file or a folder), else the build folder."""
+    from .runtime import DEFAULT_LIB_DIR
+    env = os.environ.get("CHESS_GGUF_LIB")
+    if env:
+        p = Path(env)
+        folder = p.parent if p.is_file() else p
+    else:
+        folder = DEFAULT_LIB_DIR
+    return folder / KERNEL_BIN
+
+
+def _parse_kernel_output(stdout: str, exe: Path) -> dict:
+    text = stdout.strip()
+    candidates = [text] + [ln for ln in reversed(text.splitlines()) if ln.lstrip().startswith("{")]
+    for c in candidates:
+        try:
+            obj = json.loads(c)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("kernels"), list):
+            return obj
+    raise ValueError(f"{exe}: output is not the expected JSON object: {text[:200]!r}")
+
+
+def run_kernels(path: str | os.PathLike, *, levels: Sequence[str] | None = None, threads: int | None = None,
+                reps: int = 5, progress=_progress) -> dict:
+    from .runtime import RuntimeError_
+    exe = kernel_bin()
+    if not (exe.is_file() and os.access(exe, os.X_OK)):
+        raise RuntimeError_(f"{exe}: kernel benchmark not found: build it with `make` (target {KERNEL_BIN})")
+    info = read_file(path)
+    sparse = [lv for lv in _resolve_levels(levels, info) if lv != "off"]
+    for lv in sparse:
+        if not any(abs(float(lv) - float(s)) < 1e-4 for s in info["levels"]):
+            raise ValueError(f"{path}: level {lv} is not stored in this file (stored: {', '.join(info['levels'])})")
+    if not sparse:
+        raise ValueError("--kernels: give at least one sparse level")
+    threads = threads or os.cpu_count() or 1
+    out = []
+    for lv in sparse:
+        keep = f"{round(1.0 - float(lv), 6):g}"
+        for nt in sorted({1, threads}):
+            cmd = [str(exe), str(path), "--keep", keep, "--threads", str(nt), "--reps", str(reps)]
+            progress(f"level {lv} (keep {keep}), {nt} thread(s): {' '.join(cmd)}")
+            try:
+                p = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            except OSError as e:
+                raise RuntimeError_(f"{exe}: cannot run it: {e}") from None
+            if p.returncode != 0:
+                why = (p.stderr.strip().splitlines() or ["no message"])[-1]
+                raise RuntimeError_(f"{exe}: failed (exit {p.returncode}): {why}")
+            obj = _parse_kernel_output(p.stdout, exe)
+            obj["level"] = float(lv)
+            out.append(obj)
+    return {"file": str(path), "reps": reps, "kernels": out}
+
+
+def print_kernels(res: dict, out=None) -> None:
+    out = out or sys.stdout
+    print(f"{res['file']}: native kernels ({KERNEL_BIN}), {res['reps']} reps", file=out)
+    print(f"{'level':>5} {'keep':>5} {'thr':>3} {'layer':>5}  {'kernel':<14} {'type':<6} {'rows x cols':>13}  "
+          f"{'dense us':>9} {'sparse us':>9} {'speedup':>8}", file=out)
+    for run_ in res["kernels"]:
+        for k in run_["kernels"]:
+            shape = f"{k.get('rows', '?')}x{k.get('cols', '?')}"
+            keep = float(run_.get("keep", 1 - run_["level"]))
+            print(f"{run_['level']:>5g} {keep:>5.2f} {run_.get('threads', '?'):>3} {run_.get('layer', '?'):>5}  "
+                  f"{k.get('name', '?'):<14} {k.get('type', '?')!s:<6} {shape:>13}  {float(k['dense_us']):>9.1f} "
+                  f"{float(k['sparse_us']):>9.1f} {float(k['speedup']):>7.2f}x", file=out)
+
+
+# --- command ----------------------------------------------------------------------------------------
+
+def command(args: argparse.Namespace) -> int:
+    if args.kernels:
+        res = run_kernels(args.model, levels=args.levels, threads=args.threads, reps=args.reps)
+        if args.json:
+            print(json.dumps(res))
+        else:
+            print_kernels(res)
+        return 0
+    res = run(args.model, levels=args.levels, methods=args.methods, threads=args.threads, reps=args.reps,
+              decode_tokens=args.decode_tokens, prompt_tokens=args.prompt_tokens, prefill=args.prefill)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print_table(res)
+    return 0

@@ -25,8 +25,8 @@ def is_chess_tensor(name: str) -> bool:
 
 
 def read(path: str | os.PathLike) -> GGUFReader:
-    from .runtime import check_gguf_file  # one place decides what a broken file is
-    return GGUFReader(str(check_gguf_file(path)))
+    from .runtime import read_gguf  # one place decides what a broken file is (and caches the parse)
+    return read_gguf(path)
 
 
 def field_value(reader: GGUFReader, key: str, default: Any = None) -> Any:

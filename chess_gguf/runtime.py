@@ -7,6 +7,7 @@ pinned llama.cpp exactly; tests/test_runtime.py checks them against the C compil
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -273,8 +274,16 @@ def lib() -> _Lib:
         return _lib
 
 
-def check_gguf_file(path: str | os.PathLike) -> Path:
-    """Fail early, with the file named, on a missing, non-GGUF or truncated file."""
+@functools.lru_cache(maxsize=4)
+def _gguf_reader(path: str, mtime_ns: int, size: int):
+    from gguf import GGUFReader  # local import: gguf pulls in more than the runtime needs
+    return GGUFReader(path)
+
+
+def read_gguf(path: str | os.PathLike):
+    """A gguf-py reader of a checked file (see check_gguf_file). Parsing a file with a large
+    vocabulary takes seconds, so readers are cached per (path, mtime, size): a command that
+    checks, inspects and loads one file parses it once."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file")
@@ -284,16 +293,21 @@ def check_gguf_file(path: str | os.PathLike) -> Path:
         magic = f.read(4)
     if magic != b"GGUF":
         raise RuntimeError_(f"{p}: not a GGUF file (bad magic {magic!r})")
-    from gguf import GGUFReader  # local import: gguf pulls in more than the runtime needs
+    st = p.stat()
     try:
-        r = GGUFReader(str(p))
+        r = _gguf_reader(str(p.resolve()), st.st_mtime_ns, st.st_size)
     except Exception as e:  # the reader raises assorted errors on damaged files
         raise RuntimeError_(f"{p}: truncated or corrupt GGUF ({e.__class__.__name__}: {e})") from None
-    size = p.stat().st_size
     end = max((int(t.data_offset) + int(t.n_bytes) for t in r.tensors), default=0)
-    if end > size:
-        raise RuntimeError_(f"{p}: truncated GGUF (tensor data ends at byte {end}, file has {size})")
-    return p
+    if end > st.st_size:
+        raise RuntimeError_(f"{p}: truncated GGUF (tensor data ends at byte {end}, file has {st.st_size})")
+    return r
+
+
+def check_gguf_file(path: str | os.PathLike) -> Path:
+    """Fail early, with the file named, on a missing, non-GGUF or truncated file."""
+    read_gguf(path)
+    return Path(path)
 
 
 class Model:

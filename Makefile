@@ -24,7 +24,7 @@ PRISTINE_SRC := build/llama.cpp-pristine
 PRISTINE_BLD := build/pristine-cmake
 export CCACHE_DIR ?= $(CURDIR)/.cache/ccache
 
-.PHONY: all native native-pristine venv models data demo test test-native clean distclean
+.PHONY: all native native-pristine venv models data demo test test-native test-arm clean distclean
 all: native venv
 
 # --- pinned llama.cpp source: the tree vendored in the llama-cpp-python sdist --------------
@@ -99,7 +99,12 @@ test-native: native
 	  r=$$($(BIN)/test-chess-kernels-$$v | tail -1); echo "kernels built for $$v: $$r"; \
 	  case "$$r" in *" 0 failed") ;; *) exit 1;; esac; fi; done
 
-test: all models data test-native native-pristine
+# aarch64: the kernel tests cross-built (NEON with and without SDOT) and run under qemu-user;
+# installs Debian's cross toolchain and qemu-user when missing. Build in build/arm-cmake.
+test-arm: build/.patched
+	JOBS=$(JOBS) scripts/test-arm.sh $(SRC)
+
+test: all models data test-native test-arm native-pristine
 	$(VPY) -m pytest -q tests
 
 clean:

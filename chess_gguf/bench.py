@@ -146,7 +146,8 @@ def parse_methods(s: str) -> list[str]:
     return out
 
 
-def _positive(s: str) -> int:
+def positive_int(s: str) -> int:
+    """argparse type: an integer >= 1 (shared by the CLI's commands)."""
     try:
         v = int(s)
     except ValueError:
@@ -163,16 +164,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "level; off is always measured, it is the baseline of the ratios)")
     p.add_argument("--methods", type=parse_methods, default=["chess"],
                    help="comma-separated methods: chess, chess-ffn, cats (default chess)")
-    p.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--reps", type=_positive, default=5, help="interleaved rounds; medians over them (default 5)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--reps", type=positive_int, default=5, help="interleaved rounds; medians over them (default 5)")
     p.add_argument("--prefill", choices=["dense", "masked"], default="dense",
                    help="prompt processing of the sparse settings: dense (default) or masked like decoding")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--kernels", action="store_true",
                    help=f"run the native kernel benchmark ({KERNEL_BIN}) instead, for each level's kept "
                         "fraction and threads 1 and --threads")
-    p.add_argument("--decode-tokens", type=_positive, default=128, help="advanced: timed decode tokens (default 128)")
-    p.add_argument("--prompt-tokens", type=_positive, default=256, help="advanced: prompt tokens (default 256)")
+    p.add_argument("--decode-tokens", type=positive_int, default=128, help="advanced: timed decode tokens (default 128)")
+    p.add_argument("--prompt-tokens", type=positive_int, default=256, help="advanced: prompt tokens (default 256)")
 
 
 # --- the file -------------------------------------------------------------------------------------

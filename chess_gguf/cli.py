@@ -130,16 +130,6 @@ def _eval_list(kind: str):
     return parse
 
 
-def _positive(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
-
-
 def cmd_libdir(args: argparse.Namespace) -> int:
     from .interop import lib_dir
     print(lib_dir())
@@ -204,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     i.set_defaults(fn=cmd_inspect)
 
-    from .bench import add_arguments as bench_arguments  # standard library only at import
+    from .bench import add_arguments as bench_arguments, positive_int  # standard library only at import
     b = sub.add_parser("bench", help="decode and prompt speed per CHESS level against off",
                        description="Decode (128 tokens) and prompt (256 tokens) speed of a CHESS file for each "
                                    "method and level, interleaved with dense (off) runs in one context: medians, "
@@ -231,13 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sparse methods, from cats, chess-ffn, chess (default: all three)")
     e.add_argument("--ppl", default="", metavar="FILE|none",
                    help="perplexity text (default: the Wikipedia evaluation split data/wiki_eval.txt); none skips it")
-    e.add_argument("--ppl-tokens", type=_positive, default=16384,
+    e.add_argument("--ppl-tokens", type=positive_int, default=16384,
                    help="use at most this many tokens of the text: floor(N / ctx) windows (default 16384)")
     e.add_argument("--tasks", type=_eval_list("tasks"), default=",".join(TASKS),
                    help=f"comma-separated tasks, all, or none (default: all: {','.join(TASKS)})")
-    e.add_argument("--limit", type=_positive, default=None,
+    e.add_argument("--limit", type=positive_int, default=None,
                    help="a fixed subsample (seed 1234) of N items per task (default: every item)")
-    e.add_argument("--ctx", type=_positive, default=512, help="perplexity window in tokens (default 512)")
+    e.add_argument("--ctx", type=positive_int, default=512, help="perplexity window in tokens (default 512)")
     e.add_argument("--out", metavar="DIR", help="also write results.json, results.md and PNG plots into DIR")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of the Markdown table")
     e.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")

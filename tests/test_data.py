@@ -164,3 +164,40 @@ def test_task_formats_match_the_harness():
     assert first["boolq"]["choices"] == [" no", " yes"] and "\nQuestion: " in first["boolq"]["context"]
     w = first["winogrande"]
     assert w["contexts"][0] != w["contexts"][1] and "_" not in w["contexts"][0]
+
+
+# --- more text domains (issue #9) -------------------------------------------------------------
+
+
+def test_domain_builders_on_handmade_records():
+    lam = [{"request": {"context": "He  opened the\u00a0door and saw", "continuation": " Anna"}},
+           {"request": {"context": "He opened the door and saw", "continuation": " Anna"}},  # same passage
+           {"request": {"context": "Rain fell.", "continuation": " Again"}}]
+    assert D.lambada_passages(lam) == ["He opened the door and saw Anna", "Rain fell. Again"]
+    coqa = [{"doc": {"source": "cnn", "story": "(CNN) -- A  b.\n\nC d."}},
+            {"doc": {"source": "cnn", "story": "(CNN) -- A  b.\n\nC d."}},
+            {"doc": {"source": "race", "story": "Other."}}]
+    assert D.coqa_stories(coqa, "cnn") == ["(CNN) -- A b.\nC d."]
+    qas = [{"doc": {"title": "T", "abstract": "Abs.", "full_text": {
+        "section_name": ["Intro", "Table"],
+        "paragraphs": [["We use BERT BIBREF12 , and\nmore words UNKREF3 here.", "short"], ["1 2"]]}}},
+           {"doc": {"title": "T", "abstract": "dup", "full_text": {"section_name": [], "paragraphs": []}}}]
+    assert D.qasper_papers(qas) == ["T\n\nAbs.\n\nIntro\n\nWe use BERT , and more words here."]
+    items = [f"p{i}" for i in range(10)]
+    c1, e1 = D.split_by_hash(items, 0.5)
+    assert (c1, e1) == D.split_by_hash(list(reversed(items)), 0.5)  # order-independent
+    assert len(c1) == 5 and set(c1).isdisjoint(e1) and set(c1) | set(e1) == set(items)
+    with pytest.raises(ValueError, match="unknown text domain"):
+        D.domain_path("poetry")
+
+
+@built
+@pytest.mark.parametrize("name", ["books", "news", "science"])
+def test_domain_text_files(name):
+    text = D.domain_path(name).read_text()
+    assert len(text) > 100_000 and "\n\n\n" not in text and "REF1" not in text
+    words = text.split()
+    assert sum(w.isalpha() for w in words) / len(words) > 0.6
+    if name == "books":  # calibration and evaluation halves share no passage
+        calib = set(D.calib_domain_path("books").read_text().split("\n\n"))
+        assert not calib & set(text.split("\n\n"))

@@ -1,0 +1,103 @@
+"""Threshold rules beyond the paper and the per-layer budget (chess_gguf/thresholds.py, issue #9).
+Pure numpy on synthetic data: fast, no model."""
+import numpy as np
+import pytest
+
+from chess_gguf import thresholds as T
+
+
+def _toy(seed=0, n=4000, c=64):
+    rng = np.random.default_rng(seed)
+    scale_u = np.exp(rng.normal(0, 1, c)).astype(np.float32)       # per-channel |u| scale
+    a = np.abs(rng.standard_t(4, (n, c))).astype(np.float32) * np.exp(rng.normal(0, 0.5, c)).astype(np.float32)
+    u = (rng.normal(0, 1, (n, c)) * scale_u).astype(np.float32)
+    wd = rng.normal(0, 1, (16, c)).astype(np.float32) * np.exp(rng.normal(0, 1, c)).astype(np.float32)
+    return a, u, wd
+
+
+def test_rule_weights():
+    m = np.array([1.0, 2.0, 0.0], np.float32)
+    cn = np.array([3.0, 0.5, 1.0], np.float32)
+    assert np.array_equal(T.rule_weights("chess", m), m)
+    assert np.array_equal(T.rule_weights("cats", m), np.ones(3, np.float32))
+    assert np.allclose(T.rule_weights("wchess", m, cn), [3.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="column norms"):
+        T.rule_weights("wchess", m)
+    with pytest.raises(ValueError, match="unknown rule"):
+        T.rule_weights("teal", m)
+
+
+def test_column_norms():
+    w = np.array([[3.0, 0.0], [4.0, 2.0]], np.float32)  # [n_embd=2, n_ff=2]
+    assert np.allclose(T.column_norms(w), [5.0, 2.0])
+
+
+def test_weighted_rule_hits_level_and_ranks_by_score():
+    a, u, wd = _toy()
+    w = T.rule_weights("wchess", np.abs(u).mean(0), T.column_norms(wd))
+    tau = T.chess_thresholds(a, w, [0.5, 0.7])
+    for k, lv in enumerate((0.5, 0.7)):
+        assert T.realised_sparsity(a, tau[k]) == pytest.approx(lv, abs=0.002)
+    # the kept set is exactly the top scores |a| * w
+    keep = a >= tau[0][None, :]
+    sc = a * w[None, :]
+    assert sc[keep].min() >= sc[~keep].max() * (1 - 1e-5)
+    # histogram route (what convert uses) agrees with the exact quantile within half a point
+    hist = np.zeros((a.shape[1], T.HIST_BINS), np.int64)
+    for i in range(a.shape[1]):
+        hist[i] = np.bincount(T.hist_index(a[:, i]), minlength=T.HIST_BINS)
+    tau_h = T.hist_chess_thresholds(hist, w, [0.5, 0.7])
+    for k, lv in enumerate((0.5, 0.7)):
+        assert T.realised_sparsity(a, tau_h[k]) == pytest.approx(lv, abs=0.005)
+
+
+def test_ffn_output_error():
+    a, u, wd = _toy(1, n=200)
+    keep_all = np.ones_like(a, dtype=bool)
+    assert T.ffn_output_error(a, u, keep_all, wd) == 0.0
+    assert T.ffn_output_error(a, u, ~keep_all, wd) == pytest.approx(1.0)
+    # dropping one channel: the error is that channel's share, computed independently
+    keep = np.ones(a.shape[1], bool)
+    keep[3] = False
+    h = a * u
+    e = np.outer(h[:, 3], wd[:, 3])
+    y = h @ wd.T
+    assert T.ffn_output_error(a, u, keep, wd) == pytest.approx((e ** 2).sum() / (y ** 2).sum(), rel=1e-4)
+
+
+def test_weight_aware_rule_beats_paper_rule_on_output_error():
+    """When W_down's columns differ in size, ranking channels by their output contribution must lose
+    less than CHESS's |a| * E|u| at the same realised sparsity; an all-equal W_down ties."""
+    a, u, wd = _toy(2)
+    m = np.abs(u).mean(0)
+    fit, test = slice(0, 2000), slice(2000, None)
+    errs = {}
+    for rule in ("chess", "wchess", "cats"):
+        w = T.rule_weights(rule, m, T.column_norms(wd))
+        tau = T.chess_thresholds(a[fit], w, [0.5])[0]
+        keep = a[test] >= tau[None, :]
+        assert T.realised_sparsity(a[test], tau) == pytest.approx(0.5, abs=0.03)
+        errs[rule] = T.ffn_output_error(a[test], u[test], keep, wd)
+    assert errs["wchess"] < 0.8 * errs["chess"] < 0.8 * errs["cats"]
+    flat = np.ones_like(wd)
+    assert np.allclose(T.rule_weights("wchess", m, T.column_norms(flat)) / T.column_norms(flat)[0], m)
+
+
+def test_greedy_budget_matches_closed_form_and_mean():
+    grid = np.linspace(0.0, 0.95, 96)
+    k = np.array([1.0, 4.0, 0.5, 2.0])
+    cost = k[:, None] * grid[None, :] ** 2           # optimum: s_l proportional to 1 / k_l
+    s = T.greedy_budget(cost, grid, 0.3)
+    assert s.mean() == pytest.approx(0.3, abs=1e-9)
+    x = 4 * 0.3 / (1 / k).sum()
+    assert np.allclose(s, x / k, atol=0.011)
+    # sizes: the mean is size-weighted, and a part's bounds hold
+    size = np.array([1.0, 1.0, 2.0, 4.0])
+    s = T.greedy_budget(cost, grid, 0.5, size=size, lo=0.3, hi=0.7)
+    assert size @ s / size.sum() == pytest.approx(0.5, abs=1e-9)
+    assert np.all((s >= 0.3 - 1e-9) & (s <= 0.7 + 1e-9))
+    # equal costs: every part at the target
+    s = T.greedy_budget(np.tile(grid ** 2, (5, 1)), grid, 0.5)
+    assert np.allclose(s, 0.5, atol=0.011) and s.mean() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="outside"):
+        T.greedy_budget(cost, grid, 0.9, lo=0.3, hi=0.7)

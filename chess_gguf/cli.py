@@ -74,7 +74,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     opt = Options(levels=args.levels, default_level=args.default_level, calib_files=args.calib or (),
                   calib_tokens=args.calib_tokens, ctx=args.ctx, threads=args.threads, stat=args.stat,
-                  attention=not args.no_attention, force=args.force, wt_type=args.wt_type,
+                  rule=args.rule, attention=not args.no_attention, force=args.force, wt_type=args.wt_type, layout=args.layout,
                   progress=not args.quiet)
     print_summary(convert(args.model, args.output, opt))
     return 0
@@ -177,9 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     c.add_argument("--stat", choices=["mean-abs", "rms"], default="mean-abs",
                    help="per-channel statistic m_i of |u_i| (default mean-abs, as in the paper)")
+    c.add_argument("--rule", choices=["chess", "wchess", "cats"], default="chess",
+                   help="per-channel FFN threshold rule (docs/results.md, 'Beyond the paper'): chess = "
+                        "|act(g_i)| * m_i, the paper (default); wchess = |act(g_i)| * m_i * ||W_down[:, i]||; "
+                        "cats = one threshold per layer stored per channel")
     c.add_argument("--no-attention", action="store_true", help="omit the attention thresholds and W_q/W_o copies")
     c.add_argument("--wt-type", default=None,
                    help="ggml type for the transposed copies (default: the original's, see docs/format.md)")
+    c.add_argument("--layout", choices=["dual", "compact"], default="dual",
+                   help="dual (default): add transposed copies of W_down, W_q, W_o beside the originals "
+                        "(fastest prompt processing, +~25%% file size); compact: replace the originals by "
+                        "the transposed copies (file and memory about the input's size; prompts run through "
+                        "a re-transposed Q8_0 copy per layer)")
     c.add_argument("--force", action="store_true", help="overwrite the output; reconvert a CHESS file")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     c.set_defaults(fn=cmd_convert)
@@ -219,8 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="off (the dense row) and/or stored levels (default off,0.5,0.7)")
     e.add_argument("--methods", type=_eval_list("methods"), default="cats,chess-ffn,chess",
                    help="sparse methods, from cats, chess-ffn, chess (default: all three)")
-    e.add_argument("--ppl", default="", metavar="FILE|none",
-                   help="perplexity text (default: the Wikipedia evaluation split data/wiki_eval.txt); none skips it")
+    e.add_argument("--ppl", default="", metavar="TEXT[,TEXT...]|none",
+                   help="perplexity texts: files or domain names (wiki, books, news, science: data/*_eval.txt), "
+                        "comma-separated, each scored and reported with its own realised sparsity (default: wiki, "
+                        "the Wikipedia evaluation split); none skips perplexity")
     e.add_argument("--ppl-tokens", type=positive_int, default=16384,
                    help="use at most this many tokens of the text: floor(N / ctx) windows (default 16384)")
     e.add_argument("--tasks", type=_eval_list("tasks"), default=",".join(TASKS),

@@ -16,8 +16,8 @@ from . import __version__
 from . import gguf_io
 from .calibrate import SUPPORTED_ARCHS, CalibStats, calibrate
 from .runtime import Model, quantize_rows
-from .thresholds import (channel_stat, check_levels, hist_chess_thresholds, hist_fraction_below,
-                         hist_scalar_thresholds)
+from .thresholds import (RULES, channel_stat, check_levels, column_norms, hist_chess_thresholds,
+                         hist_fraction_below, hist_scalar_thresholds, rule_weights)
 
 FORMAT_VERSION = 1
 
@@ -30,15 +30,22 @@ FALLBACK = {
     QT.IQ3_XXS: QT.Q4_0, QT.IQ3_S: QT.Q4_0, QT.IQ1_S: QT.Q4_0, QT.IQ1_M: QT.Q4_0, QT.TQ1_0: QT.Q4_0,
     QT.TQ2_0: QT.Q4_0,
 }
+# The compact layout replaces the originals, so it avoids growing the file: Q6_K gets Q5_1 (6.0
+# bits/weight, below Q6_K's 6.56) instead of Q8_0 (8.5), which pays for Q4_K -> Q4_1 (+0.5 bit).
+COMPACT_FALLBACK = {**FALLBACK, QT.Q6_K: QT.Q5_1}
+LAYOUTS = ("dual", "compact")
+# compact: these originals are replaced by their transposed copies, under their own names
+COMPACT_NAMES = {"chess_wt_down": "ffn_down", "chess_wt_q": "attn_q", "chess_wt_o": "attn_output"}
 QUANTIZABLE = {QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K,
                QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS}
 
 
-def transposed_type(orig: QT, row_len: int, override: Optional[QT] = None) -> QT:
+def transposed_type(orig: QT, row_len: int, override: Optional[QT] = None, layout: str = "dual") -> QT:
     """The rule for a transposed copy's type (see module comment); override wins when it fits."""
     from gguf.constants import GGML_QUANT_SIZES
     fits = lambda t: row_len % GGML_QUANT_SIZES[t][0] == 0  # noqa: E731
-    for t in ([override] if override is not None else []) + [orig, FALLBACK.get(orig, QT.Q8_0), QT.Q8_0, QT.F16]:
+    fallback = (COMPACT_FALLBACK if layout == "compact" else FALLBACK).get(orig, QT.Q8_0)
+    for t in ([override] if override is not None else []) + [orig, fallback, QT.Q8_0, QT.F16]:
         if t in QUANTIZABLE and fits(t):
             return t
     return QT.F32
@@ -53,9 +60,11 @@ class Options:
     ctx: int = 512
     threads: Optional[int] = None
     stat: str = "mean-abs"
+    rule: str = "chess"   # per-channel FFN threshold rule (thresholds.RULES); recorded in chess.rule
     attention: bool = True
     force: bool = False
     wt_type: Optional[str] = None
+    layout: str = "dual"
     progress: bool = True
 
 
@@ -89,14 +98,19 @@ def load_calib_text(files: Sequence[str]) -> tuple[str, str]:
     return text, hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def compute_thresholds(st: CalibStats, levels: Sequence[float], stat: str) -> list[dict]:
-    """Per layer: CHESS tau [n_levels, n_ff], CATS [n_levels], attention q/o [n_levels], and m."""
+def compute_thresholds(st: CalibStats, levels: Sequence[float], stat: str, rule: str = "chess",
+                       col_norms: Optional[Sequence[np.ndarray]] = None) -> list[dict]:
+    """Per layer: per-channel tau [n_levels, n_ff] of `rule` (thresholds.RULES; the paper's CHESS by
+    default), CATS [n_levels], attention q/o [n_levels], m, and the rule's channel weights w."""
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r} (expected one of {', '.join(RULES)})")
     out = []
-    for L in st.layers:
+    for il, L in enumerate(st.layers):
         m = channel_stat(L.sum_abs_u, L.sum_sq_u, st.n_tokens, stat)
+        w = rule_weights(rule, m, None if col_norms is None else col_norms[il])
         out.append({
-            "m": m,
-            "ffn_tau": hist_chess_thresholds(L.hist_a, m, levels),
+            "m": m, "w": w,
+            "ffn_tau": hist_chess_thresholds(L.hist_a, w, levels),
             "ffn_cats": hist_scalar_thresholds(L.hist_cats, levels),
             "attn_q": hist_scalar_thresholds(L.hist_q, levels),
             "attn_o": hist_scalar_thresholds(L.hist_o, levels),
@@ -116,7 +130,7 @@ def calib_sparsity(st: CalibStats, thr: list[dict], levels: Sequence[float]) -> 
     return res
 
 
-def transposed_tensors(reader, n_layer: int, wt_type: Optional[QT], progress: bool) -> list[tuple]:
+def transposed_tensors(reader, n_layer: int, wt_type: Optional[QT], progress: bool, layout: str = "dual") -> list[tuple]:
     """Transposed, requantized copies of W_down, W_q, W_o for every layer."""
     by_name = {t.name: t for t in reader.tensors}
     jobs = []
@@ -135,7 +149,7 @@ def transposed_tensors(reader, n_layer: int, wt_type: Optional[QT], progress: bo
         t = by_name[name]
         w = gguf_io.tensor_f32(reader, name)       # [n_out, n_in]
         wt = np.ascontiguousarray(w.T)             # [n_in, n_out]: one row per input channel
-        qt = transposed_type(QT(int(t.tensor_type)), wt.shape[1], wt_type)
+        qt = transposed_type(QT(int(t.tensor_type)), wt.shape[1], wt_type, layout)
         if qt == QT.F32:
             out.append((dst, wt, None))
         elif qt == QT.F16:
@@ -160,6 +174,12 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
         raise ValueError(f"--default-level {opt.default_level} is not one of --levels {levels}")
     if opt.stat not in ("mean-abs", "rms"):
         raise ValueError(f"--stat {opt.stat!r}: expected mean-abs or rms")
+    if opt.rule not in RULES:
+        raise ValueError(f"--rule {opt.rule!r}: expected one of {', '.join(RULES)}")
+    if opt.layout not in LAYOUTS:
+        raise ValueError(f"--layout {opt.layout!r}: expected one of {', '.join(LAYOUTS)}")
+    if opt.layout == "compact" and not opt.attention:
+        raise ValueError("--layout compact needs the attention part (it replaces W_q and W_o too): drop --no-attention")
     if gguf_io.field_value(reader, "chess.version") is not None and not opt.force:
         raise ValueError(f"{inp_p}: already a CHESS file (use --force to convert it again)")
     check_paths(inp_p, out_p, opt.force)
@@ -185,7 +205,10 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
     n_layer = model.n_layer
     model.close()
 
-    thr = compute_thresholds(st, levels, opt.stat)
+    col = None
+    if opt.rule == "wchess":  # column norms of the original W_down (not of its requantized copy)
+        col = [column_norms(gguf_io.tensor_f32(reader, f"blk.{il}.ffn_down.weight")) for il in range(n_layer)]
+    thr = compute_thresholds(st, levels, opt.stat, opt.rule, col)
     tensors = []
     for il, t in enumerate(thr):
         tensors.append((f"blk.{il}.chess_ffn_tau", np.ascontiguousarray(t["ffn_tau"], dtype=np.float32), None))
@@ -193,25 +216,36 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
         if opt.attention:
             tensors.append((f"blk.{il}.chess_thr_q", t["attn_q"].astype(np.float32), None))
             tensors.append((f"blk.{il}.chess_thr_o", t["attn_o"].astype(np.float32), None))
-    wts = transposed_tensors(reader, n_layer, wt_type, opt.progress)
+    wts = transposed_tensors(reader, n_layer, wt_type, opt.progress, opt.layout)
     if not opt.attention:
         wts = [w for w in wts if w[0].endswith("chess_wt_down")]
+    drop = set()
+    if opt.layout == "compact":  # the copies take the originals' names and places in memory
+        renamed = []
+        for name, data, qt in wts:
+            il, kind = name.split(".")[1], name.split(".")[2]
+            orig = f"blk.{il}.{COMPACT_NAMES[kind]}.weight"
+            drop.add(orig)
+            renamed.append((orig, data, qt))
+        wts = renamed
     kv = {
         "chess.version": (FORMAT_VERSION, VT.UINT32, None),
         "chess.levels": (levels, VT.ARRAY, VT.FLOAT32),
         "chess.default_level": (float(opt.default_level), VT.FLOAT32, None),
         "chess.stat": (opt.stat, VT.STRING, None),
+        "chess.rule": (opt.rule, VT.STRING, None),
         "chess.activation": (act_kind, VT.STRING, None),
         "chess.attention": (bool(opt.attention), VT.BOOL, None),
         "chess.calib_tokens": (int(st.n_tokens), VT.UINT64, None),
         "chess.calib_sha256": (text_sha, VT.STRING, None),
         "chess.tool_version": (f"chess_gguf {__version__}", VT.STRING, None),
+        "chess.layout": (opt.layout, VT.STRING, None),
     }
-    gguf_io.write_with_extras(reader, out_p, kv, tensors + wts, progress=opt.progress)
+    gguf_io.write_with_extras(reader, out_p, kv, tensors + wts, progress=opt.progress, drop=drop)
     sp = calib_sparsity(st, thr, levels)
     size_in, size_out = inp_p.stat().st_size, out_p.stat().st_size
     return {
-        "output": str(out_p), "arch": arch, "levels": levels, "n_tokens": st.n_tokens,
+        "output": str(out_p), "arch": arch, "rule": opt.rule, "levels": levels, "layout": opt.layout, "n_tokens": st.n_tokens,
         "seconds": time.perf_counter() - t0, "calib_seconds": t_calib,
         "size_in": size_in, "size_out": size_out, "sparsity": sp, "wt_types": sorted({str(w[2].name if w[2] is not None else w[1].dtype) for w in wts}),
     }
@@ -220,7 +254,7 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
 def print_summary(res: dict, file=sys.stdout) -> None:
     sp = res["sparsity"]
     p = lambda *a: print(*a, file=file)  # noqa: E731
-    p(f"wrote {res['output']} ({res['arch']}, {res['n_tokens']} calibration tokens, "
+    p(f"wrote {res['output']} ({res['arch']}, rule {res['rule']}, {res['layout']} layout, {res['n_tokens']} calibration tokens, "
       f"transposed copies: {', '.join(res['wt_types'])})")
     p("realised sparsity on the calibration text (mean over layers [min..max]):")
     p(f"  {'level':>5}  {'chess ffn':>18}  {'cats ffn':>18}  {'attn q':>18}  {'attn o':>18}")

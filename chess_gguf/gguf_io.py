@@ -7,13 +7,15 @@ into place only when complete, so an interrupted or failed write leaves no outpu
 from __future__ import annotations
 
 import os
+import re
 import signal
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType, GGUFWriter, GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, GGUFWriter, GGMLQuantizationType
 from gguf.quants import dequantize
 
 CHESS_PREFIX = "chess."
@@ -22,6 +24,72 @@ CHESS_TENSOR_MARK = ".chess_"
 
 def is_chess_tensor(name: str) -> bool:
     return CHESS_TENSOR_MARK in name
+
+
+_ARRAY, _STRING = GGUFValueType.ARRAY, GGUFValueType.STRING  # enum attribute lookups are slow
+
+
+class Reader(GGUFReader):
+    """gguf-py's GGUFReader, hardened for damaged files and faster on large vocabularies.
+
+    - Every read is bounds-checked: gguf-py returns short arrays past the end of the file, so a
+      damaged array length made it loop for minutes over garbage.
+    - Numeric arrays are read in one piece (one part, not one per element; contents() is the same).
+    - Reads slice a plain ndarray view of the memmap: numpy's memmap subclass costs microseconds
+      per slice, which made a 49k-token vocabulary take seconds to parse.
+    - An unknown tensor type is reported with the tensor's name.
+    """
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        plain = self.__dict__.get("_plain")
+        if plain is None:
+            plain = self._plain = self.data.view(np.ndarray)
+        dt = np.dtype(dtype)
+        offset, count = int(offset), int(count)
+        end = offset + dt.itemsize * count
+        if offset < 0 or count < 0 or end > plain.shape[0]:
+            raise ValueError(f"{count} x {dt} at byte {offset} run past the end of the file ({plain.shape[0]} bytes)")
+        arr = plain[offset:end].view(dt)
+        order = self.byte_order if override_order is None else override_order
+        return arr if order == "I" else arr.view(arr.dtype.newbyteorder(order))
+
+    def _get_field_parts(self, orig_offs, raw_type):
+        if raw_type != _ARRAY:
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_itype = self._get(orig_offs, np.uint32)
+        alen = self._get(orig_offs + 4, np.uint64)
+        n = int(alen[0])
+        try:
+            itype = GGUFValueType(int(raw_itype[0]))
+        except ValueError:
+            raise ValueError(f"array at byte {orig_offs} has unknown element type {int(raw_itype[0])}") from None
+        nptype = self.gguf_scalar_to_np.get(itype)
+        if nptype is not None:
+            vals = self._get(orig_offs + 12, nptype, n)
+            return 12 + int(vals.nbytes), [raw_itype, alen, vals], [2], [_ARRAY, itype]
+        # strings take >= 8 bytes each, nested arrays >= 12: refuse impossible lengths before looping
+        if n * 8 > self._plain.shape[0] - orig_offs - 12:
+            raise ValueError(f"array at byte {orig_offs} claims {n} elements, more than the file holds")
+        if itype != _STRING or self.byte_order != "I":
+            return super()._get_field_parts(orig_offs, raw_type)
+        # the same parts as gguf-py's (length, bytes per string), without its per-element dispatch
+        plain, mv, u64 = self._plain, memoryview(self._plain), np.dtype(np.uint64)
+        parts, idxs, offs, size = [raw_itype, alen], [], orig_offs + 12, self._plain.shape[0]
+        for _ in range(n):
+            end = offs + 8 + int.from_bytes(mv[offs:offs + 8], sys.byteorder)
+            if end > size:
+                raise ValueError(f"string at byte {offs} runs past the end of the file ({size} bytes)")
+            parts += (plain[offs:offs + 8].view(u64), plain[offs + 8:end])
+            idxs.append(len(parts) - 1)
+            offs = end
+        return offs - orig_offs, parts, idxs, [_ARRAY, _STRING]
+
+    def _build_tensors(self, start_offs, fields):
+        for f in fields:
+            raw = int(f.parts[4][0])
+            if raw not in GGMLQuantizationType._value2member_map_ or GGMLQuantizationType(raw) not in GGML_QUANT_SIZES:
+                raise ValueError(f"tensor '{f.name}' has invalid ggml type {raw}")
+        return super()._build_tensors(start_offs, fields)
 
 
 def read(path: str | os.PathLike) -> GGUFReader:
@@ -61,8 +129,9 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def write_with_extras(reader: GGUFReader, out: Path, kv: dict[str, tuple[Any, GGUFValueType, Optional[GGUFValueType]]],
                       tensors: list[tuple[str, np.ndarray, Optional[GGMLQuantizationType]]],
-                      *, progress: bool = True) -> None:
-    """Write reader's keys and tensors (minus any old CHESS content) plus `kv` and `tensors`.
+                      *, progress: bool = True, drop: frozenset[str] | set[str] = frozenset()) -> None:
+    """Write reader's keys and tensors (minus any old CHESS content and the tensors named in `drop`)
+    plus `kv` and `tensors`.
 
     tensors: (name, data, raw_dtype); raw_dtype None for float arrays, else data is uint8 bytes of shape
     [rows, bytes per row].
@@ -84,7 +153,7 @@ def write_with_extras(reader: GGUFReader, out: Path, kv: dict[str, tuple[Any, GG
             for name, (val, vtype, sub) in kv.items():
                 w.add_key_value(name, val, vtype, sub_type=sub)
             for t in reader.tensors:
-                if is_chess_tensor(t.name):
+                if is_chess_tensor(t.name) or t.name in drop:
                     continue
                 shape = [int(x) for x in reversed(t.shape)]  # numpy order
                 if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
@@ -107,3 +176,171 @@ def write_with_extras(reader: GGUFReader, out: Path, kv: dict[str, tuple[Any, GG
             except FileNotFoundError:
                 pass
             raise
+
+
+# --- validation of a CHESS file, as the patched loader does it (docs/format.md) --------------------
+
+CHESS_TENSOR_RE = re.compile(r"^blk\.(\d+)\.(chess_\w+)$")
+THRESHOLD_KINDS = ("chess_ffn_tau", "chess_ffn_cats", "chess_thr_q", "chess_thr_o")
+WT_KINDS = ("chess_wt_down", "chess_wt_q", "chess_wt_o")
+MAX_LEVELS = 64  # the loader's limit
+# each part of a layer is complete or absent (absent: that part runs dense)
+CHESS_PARTS = {"FFN": ("chess_ffn_tau", "chess_ffn_cats", "chess_wt_down"), "W_q": ("chess_thr_q", "chess_wt_q"),
+               "W_o": ("chess_thr_o", "chess_wt_o")}
+# types without a dot product in ggml's CPU backend: the sparse kernels cannot read such a copy
+WT_UNSUPPORTED = {GGMLQuantizationType.I8, GGMLQuantizationType.I16, GGMLQuantizationType.I32,
+                  GGMLQuantizationType.I64, GGMLQuantizationType.F64}
+_INT_TYPES = {GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
+              GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64}
+
+
+def _string(reader: GGUFReader, key: str, path) -> Optional[str]:
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    if f.types != [GGUFValueType.STRING]:
+        raise ValueError(f"{path}: {key}: not a string")
+    try:
+        return bytes(f.parts[-1]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: {key}: not valid UTF-8") from None
+
+
+def _int_or_list(reader: GGUFReader, key: str, path) -> Any:
+    """An integer key, or a per-layer integer array (llama.cpp accepts both for some hparams)."""
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    if f.types and f.types[0] in _INT_TYPES and len(f.types) == 1:
+        return int(f.contents())
+    if f.types[:1] == [GGUFValueType.ARRAY] and len(f.types) == 2 and f.types[1] in _INT_TYPES:
+        return [int(x) for x in f.contents()]
+    raise ValueError(f"{path}: {key}: not an integer or an array of integers")
+
+
+def check_chess(reader: GGUFReader, path: str | os.PathLike) -> dict:
+    """Validate a CHESS file the way the patched loader does, and more: raises ValueError naming the
+    file and the offending key or tensor, else returns {"levels", "default_level", "n_layer",
+    "tensors": {(layer, kind): ReaderTensor}}.
+
+    Checked: chess.version (uint32 1), chess.levels (1..64 float32, strictly increasing, inside (0, 1)),
+    chess.default_level (a float32 among the levels); every CHESS tensor's name, layer, shape (against
+    the model's hyperparameters and the number of levels), type (f32 thresholds; transposed copies of
+    a type the kernels support, whose block size divides their rows) and threshold values (not NaN,
+    >= 0; +inf only in chess_ffn_tau, where it marks a channel that is never kept); each part of a
+    layer (CHESS_PARTS) complete or absent (absent: it runs dense); and that tensor data is packed in
+    order at aligned offsets, as llama.cpp's gguf loader requires.
+    """
+    chess_names = [t.name for t in reader.tensors if is_chess_tensor(t.name)]
+    fv = reader.fields.get("chess.version")
+    if fv is None:
+        if chess_names:
+            raise ValueError(f"{path}: chess.version: missing, but the file has CHESS tensors ({chess_names[0]}, ...)")
+        raise ValueError(f"{path}: not a CHESS file (no chess.version key): run `python -m chess_gguf convert` first")
+    if fv.types != [GGUFValueType.UINT32] or int(fv.contents()) != 1:
+        raise ValueError(f"{path}: chess.version: unsupported CHESS format version (expected uint32 1)")
+
+    fl = reader.fields.get("chess.levels")
+    if fl is None or fl.types != [GGUFValueType.ARRAY, GGUFValueType.FLOAT32]:
+        if fl is not None and fl.types == [GGUFValueType.ARRAY] and not fl.contents():
+            raise ValueError(f"{path}: chess.levels: 0 levels (expected 1..{MAX_LEVELS})")
+        raise ValueError(f"{path}: chess.levels: missing or not an array of float32")
+    levels = np.asarray(fl.contents(), dtype=np.float32)
+    if not 1 <= levels.size <= MAX_LEVELS:
+        raise ValueError(f"{path}: chess.levels: {levels.size} levels (expected 1..{MAX_LEVELS})")
+    if not (np.all((levels > 0) & (levels < 1)) and np.all(np.diff(levels) > 0)):
+        raise ValueError(f"{path}: chess.levels: levels must be strictly increasing and inside (0, 1), "
+                         f"got {levels.tolist()}")
+    fd = reader.fields.get("chess.default_level")
+    if fd is None or fd.types != [GGUFValueType.FLOAT32]:
+        raise ValueError(f"{path}: chess.default_level: missing or not float32")
+    default = np.float32(fd.contents())
+    if default not in levels:
+        raise ValueError(f"{path}: chess.default_level: {float(default):g} is not one of chess.levels {levels.tolist()}")
+
+    arch = _string(reader, "general.architecture", path)
+    if not arch:
+        raise ValueError(f"{path}: general.architecture: missing")
+
+    def hparam(key: str, required: bool = True) -> Any:
+        v = _int_or_list(reader, f"{arch}.{key}", path)
+        if v is None and required:
+            raise ValueError(f"{path}: {arch}.{key}: missing (needed to check the CHESS tensor shapes)")
+        return v
+
+    n_layer, n_embd, n_ff, n_head = (hparam(k) for k in ("block_count", "embedding_length", "feed_forward_length",
+                                                           "attention.head_count"))
+    head_k, head_v = hparam("attention.key_length", False), hparam("attention.value_length", False)
+    if isinstance(n_layer, list) or isinstance(n_embd, list):
+        raise ValueError(f"{path}: {arch}.block_count/embedding_length: not a single integer")
+
+    def at(v: Any, il: int) -> int:
+        if isinstance(v, list):
+            if len(v) != n_layer:
+                raise ValueError(f"{path}: per-layer hyperparameter with {len(v)} entries for {n_layer} layers")
+            return v[il]
+        return v
+
+    def expected(kind: str, il: int) -> tuple[int, ...]:
+        nl, ff, nh = levels.size, at(n_ff, il), at(n_head, il)
+        hk = head_k if head_k is not None else (n_embd // nh if nh else 0)
+        hv = head_v if head_v is not None else (n_embd // nh if nh else 0)
+        return {"chess_ffn_tau": (ff, nl), "chess_ffn_cats": (nl,), "chess_thr_q": (nl,), "chess_thr_o": (nl,),
+                "chess_wt_down": (n_embd, ff), "chess_wt_q": (at(hk, il) * nh, n_embd),
+                "chess_wt_o": (n_embd, at(hv, il) * nh)}[kind]
+
+    def pad4(shape) -> tuple[int, ...]:  # ggml pads shapes with 1s to 4 dims
+        return tuple(shape) + (1,) * (4 - len(shape))
+
+    tensors: dict[tuple[int, str], Any] = {}
+    for t in reader.tensors:
+        if not is_chess_tensor(t.name):
+            continue
+        m = CHESS_TENSOR_RE.match(t.name)
+        if not m or m.group(2) not in THRESHOLD_KINDS + WT_KINDS:
+            raise ValueError(f"{path}: {t.name}: unknown CHESS tensor (expected blk.N.<one of "
+                             f"{', '.join(THRESHOLD_KINDS + WT_KINDS)}>)")
+        il, kind = int(m.group(1)), m.group(2)
+        if il >= n_layer:
+            raise ValueError(f"{path}: {t.name}: layer {il} out of range (the model has {n_layer})")
+        shape, want = [int(x) for x in t.shape], expected(kind, il)
+        if len(shape) > 4 or pad4(shape) != pad4(want):
+            hint = " (a transposed copy: row i holds input channel i)" if kind in WT_KINDS else ""
+            raise ValueError(f"{path}: {t.name}: shape {shape}, expected {list(want)}{hint}")
+        if kind in THRESHOLD_KINDS:
+            if t.tensor_type != GGMLQuantizationType.F32:
+                raise ValueError(f"{path}: {t.name}: CHESS thresholds must be f32, not {t.tensor_type.name.lower()}")
+            v = np.asarray(t.data, dtype=np.float32).reshape(levels.size, -1)  # [level, channel]
+            bad = np.isnan(v) | (v < 0)
+            if kind != "chess_ffn_tau":
+                bad |= np.isinf(v)
+            if bad.any():
+                k, c = (int(x) for x in np.argwhere(bad)[0])
+                where = f"channel {c}, level {float(levels[k]):g}" if kind == "chess_ffn_tau" else f"level {float(levels[k]):g}"
+                rule = "not NaN and >= 0" if kind == "chess_ffn_tau" else "finite and >= 0"
+                raise ValueError(f"{path}: {t.name}: invalid threshold {float(v[k, c])} at {where} (must be {rule})")
+        else:
+            if t.tensor_type in WT_UNSUPPORTED:
+                raise ValueError(f"{path}: {t.name}: type {t.tensor_type.name.lower()} is not supported by the CHESS kernels")
+            block = GGML_QUANT_SIZES[t.tensor_type][0]
+            if shape[0] % block:
+                raise ValueError(f"{path}: {t.name}: rows of {shape[0]} are not a multiple of the "
+                                 f"{t.tensor_type.name} block size {block}")
+        if (il, kind) in tensors:
+            raise ValueError(f"{path}: {t.name}: duplicated")
+        tensors[(il, kind)] = t
+    for il in sorted({il for il, _ in tensors}):
+        for part, kinds in CHESS_PARTS.items():
+            missing = [f"blk.{il}.{k}" for k in kinds if (il, k) not in tensors]
+            if 0 < len(missing) < len(kinds):
+                raise ValueError(f"{path}: blk.{il}: incomplete CHESS {part} tensors: {', '.join(missing)} missing "
+                                 f"(a part is all or nothing)")
+
+    # llama.cpp's gguf loader wants every tensor's data exactly where the previous one ends (padded)
+    align, pos = int(reader.alignment), 0
+    for t in reader.tensors:
+        rel = int(t.data_offset) - int(reader.data_offset)
+        if rel != pos:
+            raise ValueError(f"{path}: {t.name}: data at offset {rel}, expected {pos} (tensors must be packed in order)")
+        pos += -(-int(t.n_bytes) // align) * align
+    return {"levels": levels, "default_level": default, "n_layer": n_layer, "tensors": tensors}

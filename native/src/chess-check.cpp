@@ -11,8 +11,9 @@ static std::string shape_str(const ggml_tensor * t) {
     return buf;
 }
 
-std::string chess_check_meta(const gguf_context * meta, std::vector<float> & levels, float & def) {
+std::string chess_check_meta(const gguf_context * meta, std::vector<float> & levels, float & def, bool & compact) {
     levels.clear();
+    compact = false;
     const int64_t kv = gguf_find_key(meta, "chess.version");
     if (kv < 0) {
         return "";
@@ -49,6 +50,15 @@ std::string chess_check_meta(const gguf_context * meta, std::vector<float> & lev
     if (!found) {
         levels.clear();
         return "chess.default_level: not one of chess.levels";
+    }
+    const int64_t ko = gguf_find_key(meta, "chess.layout");
+    if (ko >= 0) {
+        const char * lay = gguf_get_kv_type(meta, ko) == GGUF_TYPE_STRING ? gguf_get_val_str(meta, ko) : "";
+        compact = std::string(lay) == "compact";
+        if (!compact && std::string(lay) != "dual") {
+            levels.clear();
+            return "chess.layout: expected the string dual or compact";
+        }
     }
     return "";
 }

@@ -19,9 +19,11 @@ struct chess_dims {
     int64_t n_o    = 0; // n_head * head_dim of the values (= inputs of W_o)
 };
 
-// chess.version / chess.levels / chess.default_level. A file without chess.version is a stock
-// file: returns "" with `levels` empty.
-std::string chess_check_meta(const gguf_context * meta, std::vector<float> & levels, float & default_level);
+// chess.version / chess.levels / chess.default_level / chess.layout ("dual" when absent; "compact":
+// ffn_down, attn_q and attn_output are stored transposed, with no other copy). A file without
+// chess.version is a stock file: returns "" with `levels` empty.
+std::string chess_check_meta(const gguf_context * meta, std::vector<float> & levels, float & default_level,
+                             bool & compact);
 
 // One layer's CHESS tensors (null = absent) against the model: each part (FFN: ffn_tau, ffn_cats,
 // wt_down; Q: thr_q, wt_q; O: thr_o, wt_o) is complete or absent, shapes and types are right,

@@ -200,24 +200,44 @@ ggml_tensor * chess_build_ffn(ggml_context * ctx, chess_state * st, int il, ggml
     return y;
 }
 
+// src: 0 Wt [n_out, n_in]; dst [n_in, n_out] in Q8_0 (or F32): W = Wt^T for ggml's dense matmul
+static void chess_retranspose_op(ggml_tensor * dst, int ith, int nth, void * ud) {
+    (void) ud;
+    const ggml_tensor * wt = dst->src[0];
+    int64_t j0, j1;
+    chess_thread_range(wt->ne[0], ggml_blck_size(wt->type), ith, nth, &j0, &j1);
+    chess_retranspose(wt->data, wt->type, wt->nb[1], wt->ne[1], wt->ne[0], dst->data, dst->type, j0, j1);
+}
+
+// Batches up to this many tokens multiply a compact (transposed-only) weight with the in kernel,
+// larger ones re-transpose it first: re-transposing costs about as much as 2-4 dense rows of work.
+static const int64_t CHESS_COMPACT_IN_MAX_TOKENS = 4;
+
 ggml_tensor * chess_build_proj(ggml_context * ctx, chess_state * st, const ggml_tensor * w, ggml_tensor * v,
                                const chess_name_cb & cb) {
-    if (!st || st->level < 0 || v->type != GGML_TYPE_F32) {
+    if (!st || v->type != GGML_TYPE_F32) {
         return nullptr;
     }
     int il = -1;
-    chess_part part = CHESS_PART_Q;
+    chess_part part = CHESS_PART_FFN; // FFN: W_down, only ever matched in the compact layout
     for (size_t i = 0; i < st->layers.size() && il < 0; ++i) {
-        if (st->layers[i].wq == w) { il = (int) i; part = CHESS_PART_Q; }
-        if (st->layers[i].wo == w) { il = (int) i; part = CHESS_PART_O; }
+        const chess_layer & L = st->layers[i];
+        if (L.wq == w) { il = (int) i; part = CHESS_PART_Q; }
+        if (L.wo == w) { il = (int) i; part = CHESS_PART_O; }
+        if (st->compact && L.wt_down == w) { il = (int) i; part = CHESS_PART_FFN; }
     }
-    if (il < 0 || !st->active(il, part, ggml_nrows(v))) {
+    if (il < 0) {
         return nullptr;
     }
     const chess_layer & L = st->layers[il];
-    ggml_tensor * wt  = part == CHESS_PART_Q ? L.wt_q : L.wt_o;
-    ggml_tensor * thr = part == CHESS_PART_Q ? L.thr_q : L.thr_o;
-    if (!chess_type_supported(wt->type)) {
+    ggml_tensor * wt  = part == CHESS_PART_Q ? L.wt_q  : part == CHESS_PART_O ? L.wt_o : L.wt_down;
+    ggml_tensor * thr = part == CHESS_PART_Q ? L.thr_q : part == CHESS_PART_O ? L.thr_o : nullptr;
+    const bool sparse = part != CHESS_PART_FFN && st->active(il, part, ggml_nrows(v));
+    if (!sparse && !st->compact) {
+        return nullptr;
+    }
+    if (!wt || !chess_type_supported(wt->type)) {
+        GGML_ASSERT(!st->compact && "the loader refuses compact files with unsupported types");
         return nullptr;
     }
     if (!ggml_is_contiguous(v)) {
@@ -227,10 +247,20 @@ ggml_tensor * chess_build_proj(ggml_context * ctx, chess_state * st, const ggml_
         v = ggml_reshape_2d(ctx, v, v->ne[0], ggml_nrows(v));
     }
     GGML_ASSERT(v->ne[0] == wt->ne[1]);
-    ggml_tensor * thr_view = ggml_view_1d(ctx, thr, 1, st->level * sizeof(float));
-    ggml_tensor * args[3] = { v, wt, thr_view };
-    ggml_tensor * y = ggml_custom_4d(ctx, GGML_TYPE_F32, wt->ne[0], v->ne[1], 1, 1, args, 3, chess_in_op,
-                                     GGML_N_TASKS_MAX, op_params(st, il, part));
-    cb(y, part == CHESS_PART_Q ? "attn_q_chess" : "attn_o_chess", il);
+    const char * name = part == CHESS_PART_Q ? "attn_q_chess" : part == CHESS_PART_O ? "attn_o_chess" : "ffn_down_chess";
+    ggml_tensor * y;
+    if (sparse || v->ne[1] <= CHESS_COMPACT_IN_MAX_TOKENS) {
+        ggml_tensor * args[3] = { v, wt, sparse ? ggml_view_1d(ctx, thr, 1, st->level * sizeof(float)) : nullptr };
+        y = ggml_custom_4d(ctx, GGML_TYPE_F32, wt->ne[0], v->ne[1], 1, 1, args, sparse ? 3 : 2, chess_in_op,
+                           GGML_N_TASKS_MAX, op_params(st, il, sparse ? part : CHESS_N_PARTS)); // dense: uncounted
+    } else {
+        const ggml_type dt = chess_retranspose_ok(GGML_TYPE_Q8_0, wt->ne[1]) ? GGML_TYPE_Q8_0 : GGML_TYPE_F32;
+        ggml_tensor * args[1] = { wt };
+        ggml_tensor * wd = ggml_custom_4d(ctx, dt, wt->ne[1], wt->ne[0], 1, 1, args, 1, chess_retranspose_op,
+                                          GGML_N_TASKS_MAX, nullptr);
+        cb(wd, "chess_retransposed", il);
+        y = ggml_mul_mat(ctx, wd, v);
+    }
+    cb(y, name, il);
     return y;
 }

@@ -49,6 +49,7 @@ struct chess_state {
     int          level   = -1;               // index into levels; -1 = off (dense)
     chess_method method  = CHESS_METHOD_CHESS;
     bool         prefill_masked = false;      // also sparsify multi-token batches (the paper's evaluation)
+    bool         compact = false;             // compact layout: W_down/W_q/W_o exist only transposed (wt_*)
 
     std::unique_ptr<std::atomic<uint64_t>[]> kept;   // [n_layer * CHESS_N_PARTS]
     std::unique_ptr<std::atomic<uint64_t>[]> total;  // [n_layer * CHESS_N_PARTS]
@@ -79,8 +80,10 @@ using chess_name_cb = std::function<void(ggml_tensor *, const char *, int)>; // 
 ggml_tensor * chess_build_ffn(ggml_context * ctx, chess_state * st, int il, ggml_tensor * x,
                               ggml_tensor * gate, ggml_tensor * up, enum chess_act act, const chess_name_cb & cb);
 
-// Input-sparse projection through the transposed copy, for a matmul whose weight `w` is some
-// layer's W_q (input = attn_norm output) or W_o (input = kqv_out); K and V never match, so they
-// stay dense. Returns nullptr for the dense path (any other weight, off, prefill, ...).
+// The matmul of `w` by `v` when CHESS handles it: input-sparse through the transposed copy when
+// `w` is some layer's W_q (input = attn_norm output) or W_o (input = kqv_out) and the level is on;
+// with the compact layout also every dense product by a transposed-only W_down/W_q/W_o (the
+// dense in kernel for a few tokens, else a re-transposed Q8_0 copy and ggml's matmul). K and V
+// never match. Returns nullptr for ggml's own matmul.
 ggml_tensor * chess_build_proj(ggml_context * ctx, chess_state * st, const ggml_tensor * w, ggml_tensor * v,
                                const chess_name_cb & cb);

@@ -1836,3 +1836,76 @@ int64_t chess_in_sparse_ref(const void * wt, enum ggml_type type, size_t nb1, in
     free(row);
     return na;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Re-transpose (compact layout): rows [j0, j1) of W = Wt^T in `dtype`, for ggml's dense matmul.
+// Per tile of whole Wt blocks (>= 32 outputs) by ~8K/width inputs: dequantize each Wt row's part
+// into a float tile (transposing on the fly), then quantize each tile row into its place.
+
+static _Thread_local ch_buf tls_tile;
+
+bool chess_retranspose_ok(enum ggml_type dtype, int64_t n_in) {
+    const struct ggml_type_traits_cpu * tc = ggml_get_type_traits_cpu(dtype);
+    return (dtype == GGML_TYPE_F32 || (tc && tc->from_float)) && n_in % ggml_blck_size(dtype) == 0;
+}
+
+void chess_retranspose(const void * wt, enum ggml_type type, size_t nb1, int64_t n_in, int64_t n_out,
+                       void * w, enum ggml_type dtype, int64_t j0, int64_t j1) {
+    (void) n_out;
+    const int64_t bs  = ggml_blck_size(type);
+    const size_t  ts  = ggml_type_size(type);
+    const int64_t tw  = bs >= 32 ? bs : 32;              // tile width: whole blocks, >= 32 outputs
+    const int64_t dbs = ggml_blck_size(dtype);
+    const size_t  drow = ggml_row_size(dtype, n_in);
+    int64_t ic = (8192 / tw) / dbs * dbs;                // tile height: ~32 KB of floats
+    if (ic < dbs) {
+        ic = dbs;
+    }
+    float * tile = ch_grow(&tls_tile, (size_t) (tw * ic + tw) * sizeof(float));
+    float * tmp  = tile + tw * ic;
+    const ggml_to_float_t to_float = type == GGML_TYPE_F32 ? NULL : ggml_get_type_traits(type)->to_float;
+    const ggml_from_float_t from_float = dtype == GGML_TYPE_F32 ? NULL : ggml_get_type_traits_cpu(dtype)->from_float;
+    for (int64_t jt = j0; jt < j1; jt += tw) {
+        const int64_t nj = j1 - jt < tw ? j1 - jt : tw;  // whole blocks (quantized rows are whole blocks)
+        const size_t off = (size_t) (jt / bs) * ts;
+        for (int64_t i0 = 0; i0 < n_in; i0 += ic) {
+            const int64_t ni = n_in - i0 < ic ? n_in - i0 : ic;
+            for (int64_t i = 0; i < ni; i++) {
+                const char * src = (const char *) wt + (size_t) (i0 + i) * nb1 + off;
+                if (to_float) {
+                    to_float(src, tmp, nj);
+                } else {
+                    memcpy(tmp, src, (size_t) nj * sizeof(float));
+                }
+                for (int64_t jj = 0; jj < nj; jj++) {
+                    tile[jj * ic + i] = tmp[jj];
+                }
+            }
+            for (int64_t jj = 0; jj < nj; jj++) {
+                char * dst = (char *) w + (size_t) (jt + jj) * drow + ggml_row_size(dtype, i0);
+                if (from_float) {
+                    from_float(tile + jj * ic, dst, ni);
+                } else {
+                    memcpy(dst, tile + jj * ic, (size_t) ni * sizeof(float));
+                }
+            }
+        }
+    }
+}
+
+void chess_retranspose_ref(const void * wt, enum ggml_type type, size_t nb1, int64_t n_in, int64_t n_out,
+                           float * w) {
+    float * row = malloc((size_t) n_out * sizeof(float));
+    for (int64_t i = 0; i < n_in; i++) {
+        const void * src = (const char *) wt + (size_t) i * nb1;
+        if (type == GGML_TYPE_F32) {
+            memcpy(row, src, (size_t) n_out * sizeof(float));
+        } else {
+            ggml_get_type_traits(type)->to_float(src, row, n_out);
+        }
+        for (int64_t j = 0; j < n_out; j++) {
+            w[j * n_in + i] = row[j];
+        }
+    }
+    free(row);
+}

@@ -62,6 +62,14 @@ int64_t chess_up_sparse(const void * w_up, enum ggml_type type, size_t nb1, int6
 int64_t chess_in_sparse(const void * wt, enum ggml_type type, size_t nb1, int64_t n_in, int64_t n_out,
                         const float * v, const float * thr, int64_t n_thr, float * y, int64_t j0, int64_t j1);
 
+// Compact layout (the file holds only Wt): rows [j0, j1) of the original-orientation W = Wt^T,
+// written in `dtype` (n_in elements per row, row stride ggml_row_size(dtype, n_in)), so ggml's dense
+// matmul can run a multi-token batch. j0, j1: multiples of ggml_blck_size(type), except j1 == n_out.
+// chess_retranspose_ok: dtype has a CPU from_float (or is F32) and its block divides n_in.
+bool chess_retranspose_ok(enum ggml_type dtype, int64_t n_in);
+void chess_retranspose(const void * wt, enum ggml_type type, size_t nb1, int64_t n_in, int64_t n_out,
+                       void * w, enum ggml_type dtype, int64_t j0, int64_t j1);
+
 // Scalar references: rows dequantized with to_float, float x, plain float accumulation in
 // increasing index order. Slow; for tests.
 int64_t chess_up_sparse_ref(const void * w_up, enum ggml_type type, size_t nb1, int64_t n_in,
@@ -69,6 +77,9 @@ int64_t chess_up_sparse_ref(const void * w_up, enum ggml_type type, size_t nb1, 
                             const float * x, float * h, int64_t i0, int64_t i1);
 int64_t chess_in_sparse_ref(const void * wt, enum ggml_type type, size_t nb1, int64_t n_in, int64_t n_out,
                             const float * v, const float * thr, int64_t n_thr, float * y, int64_t j0, int64_t j1);
+
+// W = Wt^T in float, [n_out rows][n_in] (the reference chess_retranspose is quantized from).
+void chess_retranspose_ref(const void * wt, enum ggml_type type, size_t nb1, int64_t n_in, int64_t n_out, float * w);
 
 // The gate activation exactly as the kernels compute it (for calibration / statistics code).
 float chess_act_apply(enum chess_act act, float g);

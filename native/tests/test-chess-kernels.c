@@ -402,6 +402,62 @@ static void test_in(enum ggml_type type) {
            n_pass - p0, n_fail - f0, worst, now_s() - t0);
 }
 
+// ---- re-transpose (compact layout) -----------------------------------------------------------
+typedef struct {
+    const void * wt; enum ggml_type type, dtype; size_t nb1; int64_t n_in, n_out; void * w;
+    int ith, nth;
+} rt_job;
+
+static void * rt_run(void * arg) {
+    const rt_job * j = arg;
+    int64_t r0, r1;
+    chess_thread_range(j->n_out, ggml_blck_size(j->type), j->ith, j->nth, &r0, &r1);
+    chess_retranspose(j->wt, j->type, j->nb1, j->n_in, j->n_out, j->w, j->dtype, r0, r1);
+    return NULL;
+}
+
+// Each output row must be bit-identical to the output type's own quantizer run on the reference
+// row (Wt dequantized and transposed): the kernel only moves values, so there is no tolerance.
+static void test_retranspose(enum ggml_type type) {
+    const char * tname = ggml_type_name(type);
+    const int64_t bs = ggml_blck_size(type);
+    const int p0 = n_pass, f0 = n_fail;
+    const enum ggml_type dtypes[2] = { GGML_TYPE_Q8_0, GGML_TYPE_F32 };
+    for (int d = 0; d < 2; d++) {
+        const enum ggml_type dt = dtypes[d];
+        // n_in: multiples of the output block (odd for F32); n_out: whole blocks of the Wt type
+        const int64_t shapes[3][2] = { { dt == GGML_TYPE_F32 ? 37 : 32, 3 * bs }, { dt == GGML_TYPE_F32 ? 301 : 96, 7 * bs },
+                                       { dt == GGML_TYPE_F32 ? 2333 : 2336, ((700 / bs) | 1) * bs } };
+        for (int s = 0; s < 3; s++) {
+            const int64_t n_in = shapes[s][0], n_out = shapes[s][1];
+            snprintf(g_shape, sizeof(g_shape), "%lldx%lld->%s", (long long) n_in, (long long) n_out, ggml_type_name(dt));
+            size_t nb1;
+            void * wt = make_weights(type, n_in, n_out, &nb1);
+            float * ref = malloc(n_in * n_out * sizeof(float));
+            chess_retranspose_ref(wt, type, nb1, n_in, n_out, ref);
+            const size_t drow = ggml_row_size(dt, n_in);
+            char * want = malloc(drow * n_out), * got = malloc(drow * n_out);
+            for (int64_t j = 0; j < n_out; j++) {
+                if (dt == GGML_TYPE_F32) memcpy(want + j * drow, ref + j * n_in, drow);
+                else ggml_get_type_traits_cpu(dt)->from_float(ref + j * n_in, want + j * drow, n_in);
+            }
+            for (int nth = 1; nth <= 4; nth++) {
+                memset(got, 0xA5, drow * n_out);
+                pthread_t th[4];
+                rt_job jobs[4];
+                for (int i = 0; i < nth; i++) {
+                    jobs[i] = (rt_job) { wt, type, dt, nb1, n_in, n_out, got, i, nth };
+                    pthread_create(&th[i], NULL, rt_run, &jobs[i]);
+                }
+                for (int i = 0; i < nth; i++) pthread_join(th[i], NULL);
+                check(chess_retranspose_ok(dt, n_in) && memcmp(got, want, drow * n_out) == 0, "retr", tname, "-", nth, 0);
+            }
+            free(wt); free(ref); free(want); free(got);
+        }
+    }
+    printf("retranspose %-8s to q8_0/f32: %d ok, %d failed\n", tname, n_pass - p0, n_fail - f0);
+}
+
 static void test_thread_range(void) {
     const int p0 = n_pass, f0 = n_fail;
     const int64_t ns[] = { 0, 1, 31, 32, 33, 96, 1000, 4096 };
@@ -546,6 +602,7 @@ int main(int argc, char ** argv) {
         }
         test_up(type);
         test_in(type);
+        test_retranspose(type);
         // the generic routes must stay correct too
         const bool fast_up = strcmp(chess_up_sparse_route(type), "vec_dot") != 0;
         const bool fast_in = strcmp(chess_in_sparse_route(type), "generic") != 0;

@@ -23,7 +23,7 @@ PRISTINE_SRC := build/llama.cpp-pristine
 PRISTINE_BLD := build/pristine-cmake
 export CCACHE_DIR ?= $(CURDIR)/.cache/ccache
 
-.PHONY: all native native-pristine venv models data demo test test-native test-arm clean distclean
+.PHONY: all native native-pristine venv models data demo test test-native test-arm test-fuzz clean distclean
 all: native venv
 
 # --- pinned llama.cpp source: the tree vendored in the llama-cpp-python sdist --------------
@@ -103,7 +103,13 @@ test-native: native
 test-arm: build/.patched
 	JOBS=$(JOBS) scripts/test-arm.sh $(SRC)
 
-test: all models data test-native test-arm native-pristine
+# libFuzzer on the loader's CHESS checks (native/src/chess-check.cpp), clang + ASan/UBSan build in
+# build/fuzz-cmake; FUZZ_SECONDS bounds the run (installs Debian's clang when missing).
+FUZZ_SECONDS ?= 60
+test-fuzz: build/.patched venv
+	JOBS=$(JOBS) VPY=$(VPY) scripts/test-fuzz.sh $(SRC) $(FUZZ_SECONDS)
+
+test: all models data test-native test-arm test-fuzz native-pristine
 	$(VPY) -m pytest -q tests
 
 clean:

@@ -187,6 +187,9 @@ MAX_LEVELS = 64  # the loader's limit
 # each part of a layer is complete or absent (absent: that part runs dense)
 CHESS_PARTS = {"FFN": ("chess_ffn_tau", "chess_ffn_cats", "chess_wt_down"), "W_q": ("chess_thr_q", "chess_wt_q"),
                "W_o": ("chess_thr_o", "chess_wt_o")}
+# chess.layout = compact: no chess_wt_* tensors, the originals themselves are stored transposed
+CHESS_COMPACT_ORIGINALS = {"chess_wt_down": "ffn_down.weight", "chess_wt_q": "attn_q.weight",
+                           "chess_wt_o": "attn_output.weight"}
 # types without a dot product in ggml's CPU backend: the sparse kernels cannot read such a copy
 WT_UNSUPPORTED = {GGMLQuantizationType.I8, GGMLQuantizationType.I16, GGMLQuantizationType.I32,
                   GGMLQuantizationType.I64, GGMLQuantizationType.F64}
@@ -224,7 +227,9 @@ def check_chess(reader: GGUFReader, path: str | os.PathLike) -> dict:
     "tensors": {(layer, kind): ReaderTensor}}.
 
     Checked: chess.version (uint32 1), chess.levels (1..64 float32, strictly increasing, inside (0, 1)),
-    chess.default_level (a float32 among the levels); every CHESS tensor's name, layer, shape (against
+    chess.default_level (a float32 among the levels), chess.layout (absent, "dual" or "compact": then
+    blk.N.ffn_down/attn_q/attn_output.weight are the transposed copies and no chess_wt_* may exist);
+    every CHESS tensor's name, layer, shape (against
     the model's hyperparameters and the number of levels), type (f32 thresholds; transposed copies of
     a type the kernels support, whose block size divides their rows) and threshold values (not NaN,
     >= 0; +inf only in chess_ffn_tau, where it marks a channel that is never kept); each part of a
@@ -257,6 +262,10 @@ def check_chess(reader: GGUFReader, path: str | os.PathLike) -> dict:
     default = np.float32(fd.contents())
     if default not in levels:
         raise ValueError(f"{path}: chess.default_level: {float(default):g} is not one of chess.levels {levels.tolist()}")
+
+    layout = _string(reader, "chess.layout", path) or "dual"
+    if layout not in ("dual", "compact"):
+        raise ValueError(f"{path}: chess.layout: expected the string dual or compact, got {layout!r}")
 
     arch = _string(reader, "general.architecture", path)
     if not arch:
@@ -293,16 +302,8 @@ def check_chess(reader: GGUFReader, path: str | os.PathLike) -> dict:
         return tuple(shape) + (1,) * (4 - len(shape))
 
     tensors: dict[tuple[int, str], Any] = {}
-    for t in reader.tensors:
-        if not is_chess_tensor(t.name):
-            continue
-        m = CHESS_TENSOR_RE.match(t.name)
-        if not m or m.group(2) not in THRESHOLD_KINDS + WT_KINDS:
-            raise ValueError(f"{path}: {t.name}: unknown CHESS tensor (expected blk.N.<one of "
-                             f"{', '.join(THRESHOLD_KINDS + WT_KINDS)}>)")
-        il, kind = int(m.group(1)), m.group(2)
-        if il >= n_layer:
-            raise ValueError(f"{path}: {t.name}: layer {il} out of range (the model has {n_layer})")
+
+    def check(t: Any, il: int, kind: str) -> None:
         shape, want = [int(x) for x in t.shape], expected(kind, il)
         if len(shape) > 4 or pad4(shape) != pad4(want):
             hint = " (a transposed copy: row i holds input channel i)" if kind in WT_KINDS else ""
@@ -329,6 +330,27 @@ def check_chess(reader: GGUFReader, path: str | os.PathLike) -> dict:
         if (il, kind) in tensors:
             raise ValueError(f"{path}: {t.name}: duplicated")
         tensors[(il, kind)] = t
+
+    for t in reader.tensors:
+        if not is_chess_tensor(t.name):
+            continue
+        m = CHESS_TENSOR_RE.match(t.name)
+        if not m or m.group(2) not in THRESHOLD_KINDS + WT_KINDS:
+            raise ValueError(f"{path}: {t.name}: unknown CHESS tensor (expected blk.N.<one of "
+                             f"{', '.join(THRESHOLD_KINDS + WT_KINDS)}>)")
+        il, kind = int(m.group(1)), m.group(2)
+        if il >= n_layer:
+            raise ValueError(f"{path}: {t.name}: layer {il} out of range (the model has {n_layer})")
+        if layout == "compact" and kind in WT_KINDS:
+            raise ValueError(f"{path}: {t.name}: not expected in the compact layout (the original "
+                             f"{CHESS_COMPACT_ORIGINALS[kind]} is the transposed copy)")
+        check(t, il, kind)
+    if layout == "compact":
+        by_name = {t.name: t for t in reader.tensors}
+        for il in range(n_layer):
+            for kind, orig in CHESS_COMPACT_ORIGINALS.items():
+                if f"blk.{il}.{orig}" in by_name:
+                    check(by_name[f"blk.{il}.{orig}"], il, kind)
     for il in sorted({il for il, _ in tensors}):
         for part, kinds in CHESS_PARTS.items():
             missing = [f"blk.{il}.{k}" for k in kinds if (il, k) not in tensors]

@@ -6,7 +6,6 @@ and W_o inputs each stored level drops, per layer and overall, and the FFN fract
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Optional
 
@@ -15,29 +14,28 @@ import numpy as np
 from . import gguf_io
 from .runtime import Context, Model
 
-TENSOR_RE = re.compile(r"^blk\.(\d+)\.(chess_\w+)$")
+
+def _meta(f) -> object:
+    """A key's value; strings decoded leniently (informational keys may hold any bytes)."""
+    if f.types == [gguf_io.GGUFValueType.STRING]:
+        return bytes(f.parts[-1]).decode("utf-8", "replace")
+    return f.contents()
 
 
 def read_chess(path: str) -> dict:
-    """CHESS metadata and threshold arrays of a converted file (raises ValueError if not CHESS)."""
+    """CHESS metadata and threshold arrays of a converted file, validated like the patched loader does
+    (gguf_io.check_chess); raises ValueError naming the file and the problem."""
     r = gguf_io.read(path)
-    if gguf_io.field_value(r, "chess.version") is None:
-        raise ValueError(f"{path}: not a CHESS file (no chess.version key): run `python -m chess_gguf convert` first")
-    meta = {k: r.fields[k].contents() for k in r.fields if k.startswith("chess.")}
-    levels = [round(float(x), 6) for x in meta["chess.levels"]]  # stored as f32
-    layers: dict[int, dict] = {}
-    for t in r.tensors:
-        m = TENSOR_RE.match(t.name)
-        if not m:
-            continue
-        il, kind = int(m.group(1)), m.group(2)
-        d = layers.setdefault(il, {})
+    chk = gguf_io.check_chess(r, path)
+    meta = {k: _meta(r.fields[k]) for k in r.fields if k.startswith("chess.")}
+    levels = [round(float(x), 6) for x in chk["levels"]]  # stored as f32
+    layers: list[dict] = [{} for _ in range(chk["n_layer"])]  # a layer may lack some or all CHESS tensors
+    for (il, kind), t in chk["tensors"].items():
         if kind.startswith("chess_wt_"):
-            d[kind] = {"type": t.tensor_type.name, "shape": [int(x) for x in t.shape]}
+            layers[il][kind] = {"type": t.tensor_type.name, "shape": [int(x) for x in t.shape]}
         else:
-            arr = np.asarray(t.data, dtype=np.float32).reshape(len(levels), -1)  # [n_levels, n or 1]
-            d[kind] = arr
-    return {"meta": meta, "levels": levels, "layers": [layers[i] for i in sorted(layers)]}
+            layers[il][kind] = np.asarray(t.data, dtype=np.float32).reshape(len(levels), -1)  # [n_levels, n or 1]
+    return {"meta": meta, "levels": levels, "layers": layers}
 
 
 def threshold_summary(info: dict) -> list[dict]:
@@ -86,12 +84,22 @@ def measure_text(path: str, text: str, info: dict, *, ctx: int = 512, threads: O
     return out
 
 
+def _transposed(layers: list[dict]) -> dict:
+    """Type and shape of each kind of transposed copy, from the first layer that has it."""
+    out: dict = {}
+    for d in layers:
+        for k, v in d.items():
+            if k.startswith("chess_wt_"):
+                out.setdefault(k, v)
+    return out
+
+
 def inspect(path: str, text_file: Optional[str] = None, *, threads: Optional[int] = None) -> dict:
     info = read_chess(path)
     res = {"file": str(path), "levels": info["levels"],
            "metadata": {k: (v if not isinstance(v, np.ndarray) else v.tolist()) for k, v in info["meta"].items()},
            "n_layers": len(info["layers"]), "thresholds": threshold_summary(info),
-           "transposed": {k: v for k, v in info["layers"][0].items() if k.startswith("chess_wt_")} if info["layers"] else {}}
+           "transposed": _transposed(info["layers"])}
     if text_file:
         p = Path(text_file)
         if not p.is_file():

@@ -276,8 +276,8 @@ def lib() -> _Lib:
 
 @functools.lru_cache(maxsize=4)
 def _gguf_reader(path: str, mtime_ns: int, size: int):
-    from gguf import GGUFReader  # local import: gguf pulls in more than the runtime needs
-    return GGUFReader(path)
+    from .gguf_io import Reader  # local import: gguf pulls in more than the runtime needs
+    return Reader(path)
 
 
 def read_gguf(path: str | os.PathLike):

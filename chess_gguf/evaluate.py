@@ -6,7 +6,9 @@ non-overlapping windows of n_ctx tokens; the first token of each window is repla
 the model adds BOS. Each window is decoded from an empty cache; only its second half is scored:
 the logits at positions n_ctx/2 .. n_ctx-2 predict the tokens at n_ctx/2+1 .. n_ctx-1
 (n_ctx - n_ctx/2 - 1 tokens per window). Perplexity = exp(mean negative log-likelihood).
---ppl-tokens caps the text at floor(cap / n_ctx) windows.
+--ppl-tokens caps the text at floor(cap / n_ctx) windows. Several texts (`--ppl wiki,books,FILE`:
+files or the domain names of chess_gguf.data.DOMAINS) are scored one after the other, each with its
+own perplexity and realised sparsity; the row's "ppl" is the first text's.
 
 Zero-shot tasks (lm-evaluation-harness's loglikelihood protocol, 0-shot). Each choice is a
 (context, continuation) request; whitespace at the end of the context moves to the start of the
@@ -48,7 +50,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .data import TASKS, default_eval_path, load_task, task_path
+from .data import DOMAINS, TASKS, default_eval_path, domain_path, load_task, task_path
 from .runtime import Context, Model
 
 METHODS = ("cats", "chess-ffn", "chess")
@@ -83,6 +85,27 @@ def parse_levels(s: str) -> list[str]:
     if not out:
         raise ValueError("no levels given")
     return list(dict.fromkeys(out))
+
+
+def resolve_ppl(spec: str) -> list[tuple[str, str]]:
+    """--ppl value -> [(label, file)]: "" = the Wikipedia evaluation split; otherwise comma-separated
+    domain names (wiki, books, news, science: chess_gguf.data.DOMAINS) or file paths."""
+    if not spec.strip():
+        return [("wiki", str(default_eval_path()))]
+    out = []
+    for x in (p.strip() for p in spec.split(",")):
+        if not x:
+            continue
+        if x in DOMAINS:
+            out.append((x, str(domain_path(x))))
+        else:
+            out.append((Path(x).stem, x))
+    if not out:
+        raise ValueError("--ppl: no text given")
+    labels = [lb for lb, _ in out]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"--ppl: two texts with the same name ({', '.join(labels)})")
+    return out
 
 
 def parse_methods(s: str) -> list[str]:
@@ -292,7 +315,7 @@ def window_nll(ctx: Context, w: list[int]) -> tuple[float, int]:
 class Options:
     levels: list[str] = field(default_factory=lambda: ["off", "0.5", "0.7"])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    ppl: Optional[str] = ""           # a text file; "" = the default evaluation split; None = no perplexity
+    ppl: Optional[str] = ""           # text files or domain names, comma-separated; "" = wiki split; None = none
     ppl_tokens: Optional[int] = 16384
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     limit: Optional[int] = None
@@ -327,6 +350,30 @@ class _Progress:
             self.bar.close()
 
 
+PARTS = ("ffn", "attn_q", "attn_o")
+
+
+def _segment_sparsity(ctx: Context, dense: bool, segs: list) -> dict:
+    """Realised sparsity of what was decoded since the last counter reset, then reset the counters.
+    Appends (sparse tokens, per-part sparsity) to segs, from which the row's overall figure is combined."""
+    if dense:
+        return {"realised_sparsity": 0.0, "realised_sparsity_parts": {k: 0.0 for k in PARTS}}
+    st = ctx.chess_stats()
+    ctx.chess_stats_reset()
+    parts = {k: st[k]["sparsity"] for k in PARTS}
+    segs.append((st["tokens"], parts))
+    return {"realised_sparsity": parts["ffn"], "realised_sparsity_parts": parts}
+
+
+def _combine(segs: list) -> dict:
+    """Token-weighted overall sparsity per part over the row's segments (texts, then tasks)."""
+    out = {}
+    for k in PARTS:
+        xs = [(n, p[k]) for n, p in segs if p[k] is not None and n > 0]
+        out[k] = sum(n * v for n, v in xs) / sum(n for n, _ in xs) if xs else None
+    return out
+
+
 def evaluate(path: str, opt: Options, log: Callable[[str], None] = lambda s: None) -> dict:
     """Run every row; returns {"results": [...], "config": {...}, "throughput": {...}}."""
     if opt.ppl is None and not opt.tasks:
@@ -344,10 +391,12 @@ def evaluate(path: str, opt: Options, log: Callable[[str], None] = lambda s: Non
         raise ValueError(f"{path}: not a CHESS model, only --levels off is possible (convert it first)")
 
     ppl_file = None
-    windows: list[list[int]] = []
+    texts: list[tuple[str, str, list[list[int]]]] = []  # (label, file, windows)
     if opt.ppl is not None:
-        ppl_file = str(opt.ppl) if opt.ppl else str(default_eval_path())
-        windows = ppl_windows(model, read_ppl_text(ppl_file), opt.ctx, opt.ppl_tokens)
+        for label, f in resolve_ppl(opt.ppl):
+            texts.append((label, f, ppl_windows(model, read_ppl_text(f), opt.ctx, opt.ppl_tokens)))
+        ppl_file = texts[0][1]
+    windows = [w for _, _, ws in texts for w in ws]
     items = {t: prepare_task(model, t, opt.limit) for t in opt.tasks}
 
     ctx = Context(model, n_ctx=max(opt.ctx, TASK_CTX), n_batch=N_BATCH, n_threads=opt.threads)
@@ -374,16 +423,22 @@ def evaluate(path: str, opt: Options, log: Callable[[str], None] = lambda s: Non
                 ctx.chess_stats_reset()
             t0 = time.perf_counter()
             n_tok = 0
+            segs: list = []
             row: dict = {"method": method, "level": level if level == "off" else float(level)}
-            if windows:
-                nll, cnt = 0.0, 0
-                for w in windows:
-                    a, b = window_nll(ctx, w)
-                    nll, cnt = nll + a, cnt + b
-                    n_tok += len(w)
-                    bar.step()
-                row["ppl"] = math.exp(nll / cnt)
-                row["ppl_scored_tokens"] = cnt
+            if texts:
+                row["ppl_texts"] = {}
+                for name, _, ws in texts:
+                    nll, cnt = 0.0, 0
+                    for w in ws:
+                        a, b = window_nll(ctx, w)
+                        nll, cnt = nll + a, cnt + b
+                        n_tok += len(w)
+                        bar.step()
+                    row["ppl_texts"][name] = {"ppl": math.exp(nll / cnt), "scored_tokens": cnt,
+                                               **_segment_sparsity(ctx, method == "dense", segs)}
+                first = row["ppl_texts"][texts[0][0]]
+                row["ppl"] = first["ppl"]
+                row["ppl_scored_tokens"] = first["scored_tokens"]
             else:
                 row["ppl"] = None
             tasks_out = {}
@@ -399,6 +454,8 @@ def evaluate(path: str, opt: Options, log: Callable[[str], None] = lambda s: Non
                 tasks_out[t] = {"acc": pa, "acc_norm": pn if norm else None, "n": n,
                                 "acc_stderr": binom_stderr(pa, n),
                                 "acc_norm_stderr": binom_stderr(pn, n) if norm else None}
+            if tasks_out:
+                _segment_sparsity(ctx, method == "dense", segs)
             dt = time.perf_counter() - t0
             row["tasks"] = tasks_out
             row["avg_acc"] = float(np.mean([v["acc"] for v in tasks_out.values()])) if tasks_out else None
@@ -406,9 +463,8 @@ def evaluate(path: str, opt: Options, log: Callable[[str], None] = lambda s: Non
                 row["realised_sparsity"] = 0.0
                 row["realised_sparsity_parts"] = {"ffn": 0.0, "attn_q": 0.0, "attn_o": 0.0}
             else:
-                st = ctx.chess_stats()
-                row["realised_sparsity"] = st["ffn"]["sparsity"]
-                row["realised_sparsity_parts"] = {k: st[k]["sparsity"] for k in ("ffn", "attn_q", "attn_o")}
+                row["realised_sparsity_parts"] = _combine(segs)
+                row["realised_sparsity"] = row["realised_sparsity_parts"]["ffn"]
             row["eval_tokens"] = n_tok
             row["seconds"] = round(dt, 3)
             row["tokens_per_s"] = n_tok / dt if dt > 0 else None
@@ -420,7 +476,8 @@ def evaluate(path: str, opt: Options, log: Callable[[str], None] = lambda s: Non
         ctx.close()
         model.close()
     config = {"model": str(path), "levels": opt.levels, "methods": opt.methods, "ctx": opt.ctx,
-              "ppl_file": ppl_file, "ppl_tokens_cap": opt.ppl_tokens, "ppl_windows": len(windows),
+              "ppl_file": ppl_file, "ppl_tokens_cap": opt.ppl_tokens, "ppl_windows": len(texts[0][2]) if texts else 0,
+              "ppl_texts": [{"name": lb, "file": f, "windows": len(ws)} for lb, f, ws in texts],
               "tasks": opt.tasks, "limit": opt.limit, "seed": SEED, "threads": ctx.n_threads,
               "task_max_len": TASK_CTX}
     return {"results": results, "config": config,
@@ -452,11 +509,13 @@ def markdown_table(res: dict, metric: str = "acc") -> str:
     if metric != "acc":
         tasks = [t for t in tasks if rows[0]["tasks"][t].get(metric) is not None]
     has_ppl = any(r["ppl"] is not None for r in rows)
+    names = list(rows[0].get("ppl_texts") or {}) if rows else []
+    multi = len(names) > 1  # several texts: one "ppl NAME (realised sparsity)" column each
     head = ["method", "level"] + tasks
     if metric == "acc" and tasks:
         head.append("avg acc")
     if metric == "acc" and has_ppl:
-        head.append("ppl")
+        head += [f"ppl {n} (sparsity)" for n in names] if multi else ["ppl"]
     head.append("realised sparsity")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -465,7 +524,11 @@ def markdown_table(res: dict, metric: str = "acc") -> str:
         if metric == "acc" and tasks:
             cells.append(_fmt(None if r["avg_acc"] is None else 100 * r["avg_acc"], ".1f"))
         if metric == "acc" and has_ppl:
-            cells.append(_fmt(r["ppl"], ".3f"))
+            if multi:
+                cells += [f"{_fmt(r['ppl_texts'][n]['ppl'], '.3f')} ({_fmt(r['ppl_texts'][n]['realised_sparsity'], '.3f')})"
+                          for n in names]
+            else:
+                cells.append(_fmt(r["ppl"], ".3f"))
         cells.append(_fmt(r["realised_sparsity"], ".3f"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -474,7 +537,12 @@ def markdown_table(res: dict, metric: str = "acc") -> str:
 def summary_lines(res: dict) -> list[str]:
     c, tp = res["config"], res["throughput"]
     out = []
-    if c["ppl_file"]:
+    texts = c.get("ppl_texts") or []
+    if len(texts) > 1:
+        out.append("perplexity: " + "; ".join(f"{t['name']} = {t['file']} ({t['windows']} windows)" for t in texts)
+                   + f"; windows of {c['ctx']} tokens, second half of each scored (llama-perplexity protocol); "
+                   "(sparsity) = realised FFN sparsity on that text")
+    elif c["ppl_file"]:
         out.append(f"perplexity: {c['ppl_file']}, {c['ppl_windows']} windows of {c['ctx']} tokens, second half of "
                    f"each scored (llama-perplexity protocol)")
     if c["tasks"]:

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent / "out" / "rows"
 
 
 def model_key(path: str) -> str:
-    return Path(path).name.split(".")[0]
+    return Path(path).name.split(".Q")[0]
 
 
 def collect(args) -> None:
@@ -226,6 +226,54 @@ def score(args) -> None:
         Path(args.json).write_text(json.dumps({r: {str(lv): v for lv, v in x.items()} for r, x in res.items()}))
 
 
+def patch(args) -> None:
+    """Copy a converted file and overwrite its chess_ffn_tau with `rule` thresholds fitted on calibration
+    rows, optionally with a per-layer budget (greedy on FFN output error / residual stream norm)."""
+    import shutil
+    from gguf import GGUFReader
+    d = ROOT / model_key(args.src)
+    Wd_all = np.load(d / "w_down.npy", mmap_mode="r")
+    n_layer = Wd_all.shape[0]
+    shutil.copyfile(args.src, args.out)
+    rd = GGUFReader(args.out, "r+")
+    levels = [float(x) for x in rd.fields["chess.levels"].contents()]
+    taus = {t.name: t for t in rd.tensors if t.name.endswith("chess_ffn_tau")}
+    grid = np.round(np.arange(0.05, 0.951, 0.025), 4)
+    per_layer = []
+    cost = np.zeros((n_layer, len(grid)))
+    for il in range(n_layer):
+        Wd = np.asarray(Wd_all[il], dtype=np.float32)
+        c = np.linalg.norm(Wd, axis=0)
+        g, u = load(d, args.calib, il)
+        w = rule_weights(args.rule, g, u, c).astype(np.float64)
+        per_layer.append((np.abs(g), w))
+        if args.budget != "none":
+            rows = slice(0, len(g), max(1, len(g) // args.budget_rows))
+            r2 = float(np.mean(np.load(d / args.resid / f"r{il}.npy").astype(np.float64) ** 2))
+            y2 = float(np.mean(np.square((g[rows] * u[rows]) @ Wd.T, dtype=np.float64).sum(1)))
+            e = T.error_curve(g[rows], u[rows], w, Wd, grid) / (len(g[rows]) * (r2 + y2))
+            cost[il] = e
+        print(f"layer {il}", file=sys.stderr, flush=True)
+    alloc = {}
+    for lv in levels:
+        if args.budget == "none":
+            alloc[lv] = np.full(n_layer, lv)
+        else:
+            alloc[lv] = T.greedy_budget(cost, grid, lv, lo=max(0.05, lv - args.span), hi=min(0.95, lv + args.span))
+        print(f"level {lv}: per-layer " + " ".join(f"{x:.2f}" for x in alloc[lv]))
+    for il in range(n_layer):
+        a, w = per_layer[il]
+        sc = a * w[None, :]
+        t = taus[f"blk.{il}.chess_ffn_tau"]
+        new = np.stack([np.where(w > 0, np.quantile(sc, alloc[lv][il]) / np.maximum(w, 1e-300), np.inf)
+                        for lv in levels]).astype(np.float32)
+        t.data[...] = new.reshape(t.data.shape)
+    rd.data.flush()
+    if args.budget != "none":
+        np.save(str(args.out) + ".cost.npy", cost)
+    print(f"wrote {args.out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -245,9 +293,20 @@ def main() -> None:
     s.add_argument("--rules", default="cats,chess,chess-rms,wnorm,wchess,wrms,cond,oracle-dom,oracle")
     s.add_argument("--layers", default="")
     s.add_argument("--json", default="")
+    pt = sub.add_parser("patch")
+    pt.add_argument("src")
+    pt.add_argument("out")
+    pt.add_argument("--rule", default="chess")
+    pt.add_argument("--calib", default="wiki_calib")
+    pt.add_argument("--budget", default="none", choices=["none", "resid"])
+    pt.add_argument("--resid", default="wiki_calib_short")
+    pt.add_argument("--budget-rows", type=int, default=512)
+    pt.add_argument("--span", type=float, default=0.2)
     args = ap.parse_args()
     if args.cmd == "collect":
         collect(args)
+    elif args.cmd == "patch":
+        patch(args)
     else:
         score(args)
 

@@ -214,3 +214,31 @@ def test_bad_model_file(bad):
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and bad in lines[0], r.stderr
+
+
+def test_several_perplexity_texts(chess_model, short_text, tmp_path):
+    """--ppl A,B scores each text separately, each with its own realised sparsity; the row's ppl is A's."""
+    other = tmp_path / "books_head.txt"
+    from chess_gguf.data import domain_path
+    other.write_text(domain_path("books").read_text(encoding="utf-8")[:6000], encoding="utf-8")
+    out = tmp_path / "ev"
+    r = run_cli("eval", chess_model, "--levels", "off,0.5", "--methods", "chess-ffn", "--tasks", "none",
+                "--ppl", f"{short_text},{other}", "--ctx", "128", "--ppl-tokens", "256", "--json", "--threads", "1",
+                "-q", "--out", out)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    dense, sparse = res["results"]
+    assert [t["name"] for t in res["config"]["ppl_texts"]] == ["wiki_head", "books_head"]
+    for row in (dense, sparse):
+        assert list(row["ppl_texts"]) == ["wiki_head", "books_head"]
+        assert row["ppl"] == row["ppl_texts"]["wiki_head"]["ppl"]
+        assert row["ppl_texts"]["wiki_head"]["ppl"] != row["ppl_texts"]["books_head"]["ppl"]
+    for t in sparse["ppl_texts"].values():
+        assert 0.35 < t["realised_sparsity"] < 0.65 and t["ppl"] > 1
+    assert dense["ppl_texts"]["books_head"]["realised_sparsity"] == 0.0
+    sp = [t["realised_sparsity"] for t in sparse["ppl_texts"].values()]
+    assert min(sp) <= sparse["realised_sparsity"] <= max(sp)  # the row's figure combines the texts
+    md = (out / "results.md").read_text()
+    assert "| method | level | ppl wiki_head (sparsity) | ppl books_head (sparsity) | realised sparsity |" in md
+    r = run_cli("eval", chess_model, "--levels", "off", "--tasks", "none", "--ppl", "wiki,nosuchfile.txt", "-q")
+    assert r.returncode == 1 and "nosuchfile.txt" in r.stderr

@@ -7,7 +7,9 @@ Per layer we keep, over ALL calibration tokens:
   - log-spaced histograms of |act(g_i)| per channel, and of |W_q input| and |W_o input| per layer,
     from which thresholds.py takes the quantiles (tests/test_convert.py checks them against exact
     quantiles on all rows: within 0.5 percentage points of realised sparsity).
-Optionally (keep_rows > 0, for tests) an evenly strided subsample of the raw rows.
+Optionally (keep_rows > 0, for tests) an evenly strided subsample of the raw rows; with
+keep_signed also signed act(g) and u rows (float16) and the residual stream's mean squared norm
+at the FFN (node ffn_inp-N), from which convert's per-layer budget measures the FFN output error.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ SUPPORTED_ARCHS = {
     "gemma": "gelu", "gemma2": "gelu", "gemma3": "gelu",
 }
 
-NODE_RE = re.compile(r"^(ffn_gate|ffn_up|attn_norm|kqv_out)-(\d+)$")
+NODE_RE = re.compile(r"^(ffn_gate|ffn_up|attn_norm|kqv_out|ffn_inp)-(\d+)$")
 
 
 @dataclass
@@ -41,6 +43,9 @@ class LayerStats:
     a: Optional[np.ndarray] = None  # raw row samples (keep_rows > 0 only): |act(g)| [rows, n_ff] f32
     q: Optional[np.ndarray] = None  # |W_q input| [rows, n_embd]
     o: Optional[np.ndarray] = None  # |W_o input| [rows, n_q]
+    ga: Optional[np.ndarray] = None  # keep_signed: act(g) [rows, n_ff] f16
+    u: Optional[np.ndarray] = None   # keep_signed: u [rows, n_ff] f16
+    sum_r2: float = 0.0              # sum over tokens of ||ffn_inp||^2 (residual stream at the FFN)
 
 
 @dataclass
@@ -62,7 +67,7 @@ def arch_of(model: Model) -> tuple[str, str]:
 
 
 def calibrate(model: Model, tokens: Sequence[int], *, ctx: int = 512, threads: Optional[int] = None,
-              keep_rows: int = 0, progress: bool = True) -> CalibStats:
+              keep_rows: int = 0, keep_signed: bool = False, progress: bool = True) -> CalibStats:
     """Gather statistics over `tokens`, split into windows of ctx-1 tokens each led by BOS.
 
     The BOS position (an attention sink with outlier activations) is excluded from statistics.
@@ -90,6 +95,14 @@ def calibrate(model: Model, tokens: Sequence[int], *, ctx: int = 512, threads: O
             st.layers.append(LayerStats())
         L = st.layers[il]
         rows = slice(cur["row0"], cur["row0"] + len(cur["keep"]))
+        if kind_ == "ffn_inp":
+            L.sum_r2 += float(np.square(x, dtype=np.float64).sum())
+            return
+        if n_rows and keep_signed and kind_ in ("ffn_gate", "ffn_up"):
+            attr = "ga" if kind_ == "ffn_gate" else "u"
+            if getattr(L, attr) is None:
+                setattr(L, attr, np.zeros((n_rows, x.shape[1]), np.float16))
+            getattr(L, attr)[rows] = (act(x[cur["keep"]], kind) if kind_ == "ffn_gate" else x[cur["keep"]])
         if kind_ == "ffn_up":
             if L.sum_abs_u.size == 0:
                 L.sum_abs_u = np.zeros(x.shape[1], np.float64)
@@ -113,7 +126,8 @@ def calibrate(model: Model, tokens: Sequence[int], *, ctx: int = 512, threads: O
             getattr(L, attr)[rows] = ax[cur["keep"]]
 
     def wants(name: str) -> bool:
-        return NODE_RE.match(name) is not None
+        m = NODE_RE.match(name)
+        return m is not None and (m.group(1) != "ffn_inp" or keep_signed)
 
     bar = None
     if progress:

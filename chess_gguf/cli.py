@@ -74,7 +74,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     opt = Options(levels=args.levels, default_level=args.default_level, calib_files=args.calib or (),
                   calib_tokens=args.calib_tokens, ctx=args.ctx, threads=args.threads, stat=args.stat,
-                  rule=args.rule, attention=not args.no_attention, force=args.force, wt_type=args.wt_type, layout=args.layout,
+                  rule=args.rule, budget=args.budget == "ffn-layer", attention=not args.no_attention, force=args.force, wt_type=args.wt_type, layout=args.layout,
                   progress=not args.quiet)
     print_summary(convert(args.model, args.output, opt))
     return 0
@@ -181,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-channel FFN threshold rule (docs/results.md, 'Beyond the paper'): chess = "
                         "|act(g_i)| * m_i, the paper (default); wchess = |act(g_i)| * m_i * ||W_down[:, i]||; "
                         "cats = one threshold per layer stored per channel")
+    c.add_argument("--budget", choices=["uniform", "ffn-layer"], default="uniform",
+                   help="FFN sparsity per layer: uniform = every layer at the level (default); ffn-layer = a "
+                        "per-layer budget with the same mean, chosen on the calibration text to minimise the FFN "
+                        "output error relative to the residual stream (layer level within +-0.2)")
     c.add_argument("--no-attention", action="store_true", help="omit the attention thresholds and W_q/W_o copies")
     c.add_argument("--wt-type", default=None,
                    help="ggml type for the transposed copies (default: the original's, see docs/format.md)")

@@ -16,8 +16,8 @@ from . import __version__
 from . import gguf_io
 from .calibrate import SUPPORTED_ARCHS, CalibStats, calibrate
 from .runtime import Model, quantize_rows
-from .thresholds import (RULES, channel_stat, check_levels, column_norms, hist_chess_thresholds,
-                         hist_fraction_below, hist_scalar_thresholds, rule_weights)
+from .thresholds import (RULES, channel_stat, check_levels, column_norms, error_curve, greedy_budget,
+                         hist_chess_thresholds, hist_fraction_below, hist_scalar_thresholds, rule_weights)
 
 FORMAT_VERSION = 1
 
@@ -61,6 +61,9 @@ class Options:
     threads: Optional[int] = None
     stat: str = "mean-abs"
     rule: str = "chess"   # per-channel FFN threshold rule (thresholds.RULES); recorded in chess.rule
+    budget: bool = False  # per-layer FFN sparsity budget (same mean = the level); recorded in chess.budget
+    budget_rows: int = 1024
+    budget_span: float = 0.2
     attention: bool = True
     force: bool = False
     wt_type: Optional[str] = None
@@ -99,18 +102,23 @@ def load_calib_text(files: Sequence[str]) -> tuple[str, str]:
 
 
 def compute_thresholds(st: CalibStats, levels: Sequence[float], stat: str, rule: str = "chess",
-                       col_norms: Optional[Sequence[np.ndarray]] = None) -> list[dict]:
+                       col_norms: Optional[Sequence[np.ndarray]] = None,
+                       layer_levels: Optional[np.ndarray] = None) -> list[dict]:
     """Per layer: per-channel tau [n_levels, n_ff] of `rule` (thresholds.RULES; the paper's CHESS by
-    default), CATS [n_levels], attention q/o [n_levels], m, and the rule's channel weights w."""
+    default), CATS [n_levels], attention q/o [n_levels], m, and the rule's channel weights w.
+    layer_levels [n_layer, n_levels] (a per-layer budget) replaces the level for the per-channel taus."""
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r} (expected one of {', '.join(RULES)})")
     out = []
     for il, L in enumerate(st.layers):
         m = channel_stat(L.sum_abs_u, L.sum_sq_u, st.n_tokens, stat)
         w = rule_weights(rule, m, None if col_norms is None else col_norms[il])
+        lv_l = levels if layer_levels is None else layer_levels[il]
+        tau = (hist_chess_thresholds(L.hist_a, w, levels) if layer_levels is None else
+               np.concatenate([hist_chess_thresholds(L.hist_a, w, [float(s)]) for s in lv_l]))
         out.append({
-            "m": m, "w": w,
-            "ffn_tau": hist_chess_thresholds(L.hist_a, w, levels),
+            "m": m, "w": w, "levels": np.asarray(lv_l, dtype=np.float64),
+            "ffn_tau": tau,
             "ffn_cats": hist_scalar_thresholds(L.hist_cats, levels),
             "attn_q": hist_scalar_thresholds(L.hist_q, levels),
             "attn_o": hist_scalar_thresholds(L.hist_o, levels),
@@ -118,12 +126,34 @@ def compute_thresholds(st: CalibStats, levels: Sequence[float], stat: str, rule:
     return out
 
 
+BUDGET_GRID = np.round(np.arange(0.05, 0.951, 0.025), 4)
+
+
+def layer_budget(st: CalibStats, levels: Sequence[float], stat: str, rule: str, col_norms, w_down,
+                 span: float = 0.2) -> np.ndarray:
+    """Per-layer FFN sparsity [n_layer, n_levels] whose mean over layers is each level (layers have equal
+    work), chosen greedily (thresholds.greedy_budget) to minimise the summed FFN output error relative
+    to the residual stream: sum_rows ||W_down (dropped * act(g) * u)||^2 / sum_rows ||ffn_inp||^2 on the
+    calibration rows kept by calibrate(keep_signed=True); each layer stays within level +- span."""
+    cost = np.zeros((len(st.layers), len(BUDGET_GRID)))
+    for il, L in enumerate(st.layers):
+        if L.ga is None or L.u is None or L.sum_r2 <= 0:
+            raise ValueError("layer_budget: calibration kept no signed rows (calibrate(keep_signed=True))")
+        m = channel_stat(L.sum_abs_u, L.sum_sq_u, st.n_tokens, stat)
+        w = rule_weights(rule, m, None if col_norms is None else col_norms[il])
+        cost[il] = error_curve(L.ga, L.u, w, w_down(il), BUDGET_GRID) / (len(L.ga) * L.sum_r2 / st.n_tokens)
+    out = np.stack([greedy_budget(cost, BUDGET_GRID, lv, lo=max(BUDGET_GRID[0], lv - span),
+                                  hi=min(BUDGET_GRID[-1], lv + span)) for lv in levels], axis=1)
+    return out
+
+
 def calib_sparsity(st: CalibStats, thr: list[dict], levels: Sequence[float]) -> dict[str, np.ndarray]:
     """Realised sparsity per [level, layer] on the calibration text (from the histograms), per part."""
-    res = {k: np.zeros((len(levels), len(thr))) for k in ("chess", "cats", "attn_q", "attn_o")}
+    res = {k: np.zeros((len(levels), len(thr))) for k in ("chess", "cats", "attn_q", "attn_o", "target")}
     for il, (L, t) in enumerate(zip(st.layers, thr)):
         for k in range(len(levels)):
             res["chess"][k, il] = hist_fraction_below(L.hist_a, t["ffn_tau"][k])
+            res["target"][k, il] = t["levels"][k] if "levels" in t else levels[k]
             res["cats"][k, il] = hist_fraction_below(L.hist_cats, t["ffn_cats"][k])
             res["attn_q"][k, il] = hist_fraction_below(L.hist_q, t["attn_q"][k])
             res["attn_o"][k, il] = hist_fraction_below(L.hist_o, t["attn_o"][k])
@@ -200,7 +230,8 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
     tokens = model.tokenize(text, add_special=False)[: opt.calib_tokens]
     if len(tokens) < opt.calib_tokens:
         print(f"note: calibration text has only {len(tokens)} tokens (asked for {opt.calib_tokens})", file=sys.stderr)
-    st = calibrate(model, tokens, ctx=opt.ctx, threads=opt.threads, progress=opt.progress)
+    st = calibrate(model, tokens, ctx=opt.ctx, threads=opt.threads, progress=opt.progress,
+                   keep_rows=opt.budget_rows if opt.budget else 0, keep_signed=opt.budget)
     t_calib = time.perf_counter() - t0
     n_layer = model.n_layer
     model.close()
@@ -208,7 +239,11 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
     col = None
     if opt.rule == "wchess":  # column norms of the original W_down (not of its requantized copy)
         col = [column_norms(gguf_io.tensor_f32(reader, f"blk.{il}.ffn_down.weight")) for il in range(n_layer)]
-    thr = compute_thresholds(st, levels, opt.stat, opt.rule, col)
+    layer_levels = None
+    if opt.budget:
+        layer_levels = layer_budget(st, levels, opt.stat, opt.rule, col,
+                                    lambda il: gguf_io.tensor_f32(reader, f"blk.{il}.ffn_down.weight"), opt.budget_span)
+    thr = compute_thresholds(st, levels, opt.stat, opt.rule, col, layer_levels)
     tensors = []
     for il, t in enumerate(thr):
         tensors.append((f"blk.{il}.chess_ffn_tau", np.ascontiguousarray(t["ffn_tau"], dtype=np.float32), None))
@@ -234,6 +269,7 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
         "chess.default_level": (float(opt.default_level), VT.FLOAT32, None),
         "chess.stat": (opt.stat, VT.STRING, None),
         "chess.rule": (opt.rule, VT.STRING, None),
+        "chess.budget": ("ffn-layer" if opt.budget else "uniform", VT.STRING, None),
         "chess.activation": (act_kind, VT.STRING, None),
         "chess.attention": (bool(opt.attention), VT.BOOL, None),
         "chess.calib_tokens": (int(st.n_tokens), VT.UINT64, None),
@@ -245,7 +281,7 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
     sp = calib_sparsity(st, thr, levels)
     size_in, size_out = inp_p.stat().st_size, out_p.stat().st_size
     return {
-        "output": str(out_p), "arch": arch, "rule": opt.rule, "levels": levels, "layout": opt.layout, "n_tokens": st.n_tokens,
+        "output": str(out_p), "arch": arch, "rule": opt.rule, "budget": bool(opt.budget), "levels": levels, "layout": opt.layout, "n_tokens": st.n_tokens,
         "seconds": time.perf_counter() - t0, "calib_seconds": t_calib,
         "size_in": size_in, "size_out": size_out, "sparsity": sp, "wt_types": sorted({str(w[2].name if w[2] is not None else w[1].dtype) for w in wts}),
     }
@@ -254,7 +290,7 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
 def print_summary(res: dict, file=sys.stdout) -> None:
     sp = res["sparsity"]
     p = lambda *a: print(*a, file=file)  # noqa: E731
-    p(f"wrote {res['output']} ({res['arch']}, rule {res['rule']}, {res['layout']} layout, {res['n_tokens']} calibration tokens, "
+    p(f"wrote {res['output']} ({res['arch']}, rule {res['rule']}{' + per-layer budget' if res.get('budget') else ''}, {res['layout']} layout, {res['n_tokens']} calibration tokens, "
       f"transposed copies: {', '.join(res['wt_types'])})")
     p("realised sparsity on the calibration text (mean over layers [min..max]):")
     p(f"  {'level':>5}  {'chess ffn':>18}  {'cats ffn':>18}  {'attn q':>18}  {'attn o':>18}")

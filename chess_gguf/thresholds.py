@@ -237,3 +237,19 @@ def greedy_budget(cost: np.ndarray, grid, target: float, size=None, lo=None, hi=
             return s
         idx[j] += 1
         s[j] = grid[idx[j]]
+
+
+def error_curve(a: np.ndarray, u: np.ndarray, w: np.ndarray, w_down: np.ndarray, grid) -> np.ndarray:
+    """Squared FFN output error sum_rows ||W_down (dropped * a * u)||^2 at each sparsity of `grid`, when
+    channels are dropped by the score |a_i| * w_i with one threshold (the grid-quantile of the score on
+    these rows). a = act(g) and u signed [rows, n_ff]; w [n_ff]; w_down [n_embd, n_ff]. -> [len(grid)]"""
+    a = np.asarray(a, dtype=np.float32)
+    h = a * np.asarray(u, dtype=np.float32)
+    wd = np.asarray(w_down, dtype=np.float32)
+    sc = np.abs(a) * np.asarray(w, dtype=np.float32)[None, :]
+    qs = np.quantile(sc.ravel(), np.asarray(grid, dtype=np.float64))
+    out = np.empty(len(qs))
+    for k, q in enumerate(qs):
+        e = np.where(sc < q, h, np.float32(0)) @ wd.T
+        out[k] = float(np.square(e, dtype=np.float64).sum())
+    return out

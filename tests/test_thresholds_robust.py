@@ -101,3 +101,44 @@ def test_greedy_budget_matches_closed_form_and_mean():
     assert np.allclose(s, 0.5, atol=0.011) and s.mean() == pytest.approx(0.5)
     with pytest.raises(ValueError, match="outside"):
         T.greedy_budget(cost, grid, 0.9, lo=0.3, hi=0.7)
+
+
+def test_error_curve_matches_direct_computation():
+    a, u, wd = _toy(3, n=300, c=32)
+    w = np.abs(u).mean(0)
+    grid = [0.2, 0.5, 0.8]
+    cur = T.error_curve(a, u, w, wd, grid)
+    assert np.all(np.diff(cur) > 0)
+    for k, s in enumerate(grid):
+        sc = a * w[None, :]
+        keep = sc >= np.quantile(sc, s)
+        y = (a * u) @ wd.T
+        assert cur[k] / (y ** 2).sum() == pytest.approx(T.ffn_output_error(a, u, keep, wd), rel=1e-4)
+
+
+def test_convert_rule_and_budget_end_to_end(smol_path, tmp_path):
+    """convert --rule wchess --budget ffn-layer: keys recorded, the runtime loads the file, per-layer
+    sparsities differ while their mean stays at the level."""
+    from gguf import GGUFReader
+    from chess_gguf.runtime import Context, Model
+    from conftest import run_cli
+    out = tmp_path / "w.chess.gguf"
+    r = run_cli("convert", smol_path, "-o", out, "--calib-tokens", "2048", "--levels", "0.5,0.7", "--rule", "wchess",
+                "--budget", "ffn-layer", "--threads", "2", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "rule wchess + per-layer budget" in r.stdout
+    rd = GGUFReader(out)
+    assert rd.fields["chess.rule"].contents() == "wchess"
+    assert rd.fields["chess.budget"].contents() == "ffn-layer"
+    with Model(out) as m, Context(m, n_ctx=512, n_threads=2) as c:
+        c.chess_set("chess-ffn", 0.5, "masked")
+        c.chess_stats_reset()
+        toks = m.tokenize("The history of the city begins in the early middle ages, when a small market "
+                          "grew around the river crossing. " * 8, add_special=True)
+        c.decode(toks, logits="last")
+        st = c.chess_stats()
+    per_layer = np.array(st["ffn"]["per_layer"])
+    assert 0.4 < st["ffn"]["sparsity"] < 0.6
+    assert per_layer.max() - per_layer.min() > 0.1  # the budget moved layers apart
+    r = run_cli("convert", smol_path, "-o", tmp_path / "x.gguf", "--rule", "teal", "-q")
+    assert r.returncode == 2 and "invalid choice" in r.stderr

@@ -23,7 +23,7 @@ PRISTINE_SRC := build/llama.cpp-pristine
 PRISTINE_BLD := build/pristine-cmake
 export CCACHE_DIR ?= $(CURDIR)/.cache/ccache
 
-.PHONY: all native native-pristine venv models data demo test test-native test-arm test-fuzz clean distclean
+.PHONY: all native native-pristine venv models data demo test test-native test-arm test-fuzz test-sanitize clean distclean
 all: native venv
 
 # --- pinned llama.cpp source: the tree vendored in the llama-cpp-python sdist --------------
@@ -109,7 +109,19 @@ FUZZ_SECONDS ?= 60
 test-fuzz: build/.patched venv
 	JOBS=$(JOBS) VPY=$(VPY) scripts/test-fuzz.sh $(SRC) $(FUZZ_SECONDS)
 
-test: all models data test-native test-arm test-fuzz native-pristine
+# ASan+UBSan build of ggml/libllama/native in build/asan-cmake (kernel tests, CHESS generation with
+# llama-simple on a small converted SmolLM2), TSan kernel tests in build/tsan: scripts/test-sanitize.sh.
+SAN_SMOL  := models/SmolLM2-135M-Instruct.Q4_1.gguf
+SAN_MODEL := build/sanitize/SmolLM2-135M-Instruct.Q4_1.chess.gguf
+$(SAN_MODEL):
+	$(MAKE) --no-print-directory native venv models data
+	@mkdir -p $(@D)
+	$(VPY) -m chess_gguf convert $(SAN_SMOL) -o $@ --calib-tokens 4096 --levels 0.5 --threads 2 -q
+
+test-sanitize: build/.patched native $(SAN_MODEL)
+	JOBS=$(JOBS) scripts/test-sanitize.sh $(SAN_MODEL) $(SRC)
+
+test: all models data test-native test-arm test-fuzz test-sanitize native-pristine
 	$(VPY) -m pytest -q tests
 
 clean:

@@ -6,6 +6,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if !defined(_WIN32)
+#include <pthread.h>
+#define CH_TLS_DTOR 1 // free a thread's scratch when it exits (see ch_grow)
+#endif
+
 #if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -29,12 +34,62 @@
 #endif
 
 // ---------------------------------------------------------------------------------------------
-// thread-local scratch (no work buffer in a ggml custom op): grows, never shrinks
+// thread-local scratch (no work buffer in a ggml custom op): grows, never shrinks, and is freed
+// when its thread exits. Threads come and go: ggml built without OpenMP starts a new threadpool
+// for every graph computed (unless the caller attached one), the tests start threads per run;
+// without the key destructor each exiting thread leaked its buffers (found by LeakSanitizer).
 
 typedef struct { void * p; size_t cap; } ch_buf;
 
+static _Thread_local ch_buf tls_list;  // active/kept indices + coefficients
+static _Thread_local ch_buf tls_deq;   // dequantized weights / per-block biases
+static _Thread_local ch_buf tls_x;     // chess_prepare_x_tls
+static _Thread_local ch_buf tls_tile;  // chess_retranspose
+
+#if CH_TLS_DTOR
+static pthread_key_t  ch_key;
+static pthread_once_t ch_key_once = PTHREAD_ONCE_INIT;
+static bool           ch_key_ok;
+static _Thread_local bool tls_registered;
+
+// runs in the exiting thread (its thread-locals are still valid during key destructors)
+static void ch_thread_exit(void * unused) {
+    (void) unused;
+    ch_buf * bufs[] = { &tls_list, &tls_deq, &tls_x, &tls_tile };
+    for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) {
+        free(bufs[i]->p);
+        bufs[i]->p   = NULL;
+        bufs[i]->cap = 0;
+    }
+    tls_registered = false; // a later ch_grow in this thread (another key's destructor) registers again
+}
+
+static void ch_key_create(void) {
+    ch_key_ok = pthread_key_create(&ch_key, ch_thread_exit) == 0; // else: scratch leaks at thread exit
+}
+
+#if defined(__GNUC__)
+// the library is unloaded (dlclose): no thread may call ch_thread_exit afterwards
+__attribute__((destructor)) static void ch_key_delete(void) {
+    if (ch_key_ok) {
+        pthread_key_delete(ch_key);
+        ch_key_ok = false;
+    }
+}
+#endif
+#endif
+
 static void * ch_grow(ch_buf * b, size_t need) {
     if (need > b->cap) {
+#if CH_TLS_DTOR
+        if (!tls_registered) {
+            pthread_once(&ch_key_once, ch_key_create);
+            if (ch_key_ok) {
+                pthread_setspecific(ch_key, &tls_list); // any non-NULL value: the destructor runs
+            }
+            tls_registered = true;
+        }
+#endif
         size_t cap = need + need / 2 + 256;
         cap = (cap + 63) & ~(size_t) 63;
         free(b->p);
@@ -47,10 +102,6 @@ static void * ch_grow(ch_buf * b, size_t need) {
     }
     return b->p;
 }
-
-static _Thread_local ch_buf tls_list;  // active/kept indices + coefficients
-static _Thread_local ch_buf tls_deq;   // dequantized weights / per-block biases
-static _Thread_local ch_buf tls_x;     // chess_prepare_x_tls
 
 // ---------------------------------------------------------------------------------------------
 // small helpers
@@ -1841,8 +1892,6 @@ int64_t chess_in_sparse_ref(const void * wt, enum ggml_type type, size_t nb1, in
 // Re-transpose (compact layout): rows [j0, j1) of W = Wt^T in `dtype`, for ggml's dense matmul.
 // Per tile of whole Wt blocks (>= 32 outputs) by ~8K/width inputs: dequantize each Wt row's part
 // into a float tile (transposing on the fly), then quantize each tile row into its place.
-
-static _Thread_local ch_buf tls_tile;
 
 bool chess_retranspose_ok(enum ggml_type dtype, int64_t n_in) {
     const struct ggml_type_traits_cpu * tc = ggml_get_type_traits_cpu(dtype);

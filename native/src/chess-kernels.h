@@ -4,7 +4,8 @@
 // - One token per call. Output vectors (h, y) are full-length; a call writes only its own range,
 //   every element of that range, and nothing else. Ranges from chess_thread_range() can run
 //   concurrently (one per thread) with no barrier: there is no shared state between calls.
-// - Scratch memory is thread-local and grows on demand (never freed; a few KB per thread).
+// - Scratch memory is thread-local, grows on demand with the model's width (~20 KB per thread for
+//   SmolLM2, a few hundred KB for n_ff ~ 30k) and is freed when the thread exits (POSIX).
 // - The CPU type traits need ggml_cpu_init() once per process. Inside llama.cpp the CPU backend
 //   has already done it; stand-alone programs (tests, benchmarks) must call it themselves.
 // - Weights must be plain row-major ggml data (NOT the CPU backend's repacked layouts).

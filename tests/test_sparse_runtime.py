@@ -76,6 +76,24 @@ def test_level_off_matches_stock_model(smol_path, smol_chess):
     assert outs[0] == outs[1]
 
 
+def test_dense_prompt_is_dense_in_every_layer(smol_chess):
+    """A multi-token prompt with prefill=dense runs no sparse kernel, even in the last layer, whose
+    FFN llama.cpp runs on the output rows only (one row with logits="last")."""
+    m = Model(smol_chess)
+    toks = m.tokenize("The history of Rome")
+    with Context(m, n_ctx=128, n_threads=2) as c:
+        got = {}
+        for lv in ("off", "0.5"):
+            c.clear()
+            c.chess_set("chess", lv, "dense")
+            c.chess_stats_reset()
+            got[lv] = c.decode(toks, logits="last")
+            st = c.chess_stats()
+            # nothing counted: every layer's sparsity is NaN (no sparse op ran)
+            assert all(np.isnan(x) for part in ("ffn", "attn_q", "attn_o") for x in st[part]["per_layer"]), st
+    np.testing.assert_array_equal(got["0.5"], got["off"])
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_sparse_decode_equals_masked_prefill(smol_chess, method):
     """Masked prompt processing and token-by-token sparse decoding run the same kernels on the same

@@ -85,9 +85,11 @@ static std::string check_thresholds(const ggml_tensor * t, int64_t n_ch, size_t 
     const float * v = (const float *) t->data;
     const int64_t per = n_ch ? n_ch : 1;
     for (int64_t i = 0; i < per * n_lv; ++i) {
-        if (!(v[i] >= 0.0f)) { // also catches NaN; +inf is legal (a channel that is never kept)
+        // +inf is legal per channel only (a channel that is never kept); `!(v >= 0)` catches NaN
+        if (!(v[i] >= 0.0f) || (!n_ch && std::isinf(v[i]))) {
             return std::string(t->name) + ": threshold " + (n_ch ? "of channel " + std::to_string(i % per) + ", " : "") +
-                   "level " + std::to_string(i / per) + " is " + std::to_string(v[i]) + " (must be >= 0 and not NaN)";
+                   "level " + std::to_string(i / per) + " is " + std::to_string(v[i]) +
+                   (n_ch ? " (must be >= 0 and not NaN)" : " (must be finite and >= 0)");
         }
     }
     return "";

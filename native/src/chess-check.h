@@ -28,5 +28,5 @@ std::string chess_check_meta(const gguf_context * meta, std::vector<float> & lev
 // One layer's CHESS tensors (null = absent) against the model: each part (FFN: ffn_tau, ffn_cats,
 // wt_down; Q: thr_q, wt_q; O: thr_o, wt_o) is complete or absent, shapes and types are right,
 // the transposed copies have a type the kernels support. With `values`, also the thresholds'
-// data (host memory): finite or +inf (a channel that is never kept), never negative or NaN.
+// data (host memory): >= 0 and finite, except +inf in chess_ffn_tau (a channel never kept).
 std::string chess_check_layer(const chess_layer & L, int il, const chess_dims & d, size_t n_levels, bool values);

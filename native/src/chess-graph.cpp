@@ -170,10 +170,10 @@ static chess_op_params * op_params(chess_state * st, int il, int slot) {
     return &st->params[(size_t) il * (CHESS_N_PARTS + 1) + slot];
 }
 
-ggml_tensor * chess_build_ffn(ggml_context * ctx, chess_state * st, int il, ggml_tensor * x,
+ggml_tensor * chess_build_ffn(ggml_context * ctx, chess_state * st, int il, int64_t n_batch, ggml_tensor * x,
                               ggml_tensor * gate, ggml_tensor * up, enum chess_act act, const chess_name_cb & cb) {
     const int64_t n_tok = x->ne[1];
-    if (!st || !st->active(il, CHESS_PART_FFN, n_tok) || !gate || !up || x->type != GGML_TYPE_F32 ||
+    if (!st || !st->active(il, CHESS_PART_FFN, n_batch) || !gate || !up || x->type != GGML_TYPE_F32 ||
         !chess_type_supported(up->type) || !chess_type_supported(st->layers[il].wt_down->type)) {
         return nullptr;
     }
@@ -213,7 +213,7 @@ static void chess_retranspose_op(ggml_tensor * dst, int ith, int nth, void * ud)
 // larger ones re-transpose it first: re-transposing costs about as much as 2-4 dense rows of work.
 static const int64_t CHESS_COMPACT_IN_MAX_TOKENS = 4;
 
-ggml_tensor * chess_build_proj(ggml_context * ctx, chess_state * st, const ggml_tensor * w, ggml_tensor * v,
+ggml_tensor * chess_build_proj(ggml_context * ctx, chess_state * st, int64_t n_batch, const ggml_tensor * w, ggml_tensor * v,
                                const chess_name_cb & cb) {
     if (!st || v->type != GGML_TYPE_F32) {
         return nullptr;
@@ -232,7 +232,7 @@ ggml_tensor * chess_build_proj(ggml_context * ctx, chess_state * st, const ggml_
     const chess_layer & L = st->layers[il];
     ggml_tensor * wt  = part == CHESS_PART_Q ? L.wt_q  : part == CHESS_PART_O ? L.wt_o : L.wt_down;
     ggml_tensor * thr = part == CHESS_PART_Q ? L.thr_q : part == CHESS_PART_O ? L.thr_o : nullptr;
-    const bool sparse = part != CHESS_PART_FFN && st->active(il, part, ggml_nrows(v));
+    const bool sparse = part != CHESS_PART_FFN && st->active(il, part, n_batch);
     if (!sparse && !st->compact) {
         return nullptr;
     }

@@ -76,14 +76,16 @@ using chess_name_cb = std::function<void(ggml_tensor *, const char *, int)>; // 
 
 // Sparse FFN for a parallel-gated SiLU/GELU FFN with no biases, scales or adapters:
 // dense gate -> act -> per-channel (or CATS) mask -> output-sparse up -> input-sparse down.
+// n_batch: tokens in the batch (ubatch), which decides decode vs prompt; x may hold fewer rows
+// (the last layer only computes the rows whose outputs are wanted).
 // Returns nullptr when this layer/batch should take the dense path.
-ggml_tensor * chess_build_ffn(ggml_context * ctx, chess_state * st, int il, ggml_tensor * x,
+ggml_tensor * chess_build_ffn(ggml_context * ctx, chess_state * st, int il, int64_t n_batch, ggml_tensor * x,
                               ggml_tensor * gate, ggml_tensor * up, enum chess_act act, const chess_name_cb & cb);
 
 // The matmul of `w` by `v` when CHESS handles it: input-sparse through the transposed copy when
 // `w` is some layer's W_q (input = attn_norm output) or W_o (input = kqv_out) and the level is on;
 // with the compact layout also every dense product by a transposed-only W_down/W_q/W_o (the
 // dense in kernel for a few tokens, else a re-transposed Q8_0 copy and ggml's matmul). K and V
-// never match. Returns nullptr for ggml's own matmul.
-ggml_tensor * chess_build_proj(ggml_context * ctx, chess_state * st, const ggml_tensor * w, ggml_tensor * v,
+// never match. n_batch as for chess_build_ffn. Returns nullptr for ggml's own matmul.
+ggml_tensor * chess_build_proj(ggml_context * ctx, chess_state * st, int64_t n_batch, const ggml_tensor * w, ggml_tensor * v,
                                const chess_name_cb & cb);

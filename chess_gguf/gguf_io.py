@@ -170,11 +170,13 @@ def write_with_extras(reader: GGUFReader, out: Path, kv: dict[str, tuple[Any, GG
             w.write_tensors_to_file(progress=progress)  # writes the tensor infos first
             w.close()
             os.replace(tmp, out)
-        except BaseException:
+        except BaseException as e:
             try:
                 tmp.unlink()
             except FileNotFoundError:
                 pass
+            if isinstance(e, OSError):  # full disk, file size limit, I/O error: one line naming the file
+                raise ValueError(f"{out}: writing failed ({e.strerror or e}); nothing was written") from None
             raise
 
 

@@ -128,7 +128,7 @@ def rule_weights(rule: str, g, u, c):
         return m ** float(rule[3:])
     if rule.startswith("wpow"):         # wpow0.5: c * m^0.5
         return c * m ** float(rule[4:])
-    if rule == "wchess":
+    if rule in ("wchess", "gchess"):  # gchess: patch() replaces c by the next norm's weighted column norms
         return c * m
     if rule == "wrms":
         return c * rms
@@ -245,13 +245,38 @@ def patch(args) -> None:
         Wd = np.asarray(Wd_all[il], dtype=np.float32)
         c = np.linalg.norm(Wd, axis=0)
         g, u = load(d, args.calib, il)
+        if args.rule.startswith("mc:"):  # mc:A:B = m^A * ||W_down[:, i]||^B (m from the file with --m-from-file)
+            A, B = (float(x) for x in args.rule.split(":")[1:])
+            m_ = np.abs(u).mean(0).astype(np.float64)
+            if args.m_from_file:
+                src_tau = np.asarray(taus[f"blk.{il}.chess_ffn_tau"].data, dtype=np.float64).reshape(len(levels), -1)
+                m_ = np.where(np.isfinite(src_tau[0]), 1.0 / src_tau[0], 0.0)
+            w = m_ ** A * c ** B
+            per_layer.append((np.abs(g), w))
+            print(f"layer {il}", file=sys.stderr, flush=True)
+            continue
         w = rule_weights(args.rule, g, u, c).astype(np.float64)
+        if args.m_from_file:  # m_i from the source file's paper thresholds (all its calibration tokens):
+            src_tau = np.asarray(taus[f"blk.{il}.chess_ffn_tau"].data, dtype=np.float64).reshape(len(levels), -1)
+            m_file = np.where(np.isfinite(src_tau[0]), 1.0 / src_tau[0], 0.0)  # tau_i = T / m_i
+            w = {"chess": m_file, "wchess": m_file * c, "cats": np.ones_like(m_file)}.get(args.rule, w)
+        if args.rule in ("gchess", "gchess-file"):
+            # the next RMSNorm's weights: a residual error e reaches the next layer as gamma * e / rms
+            nxt = f"blk.{il + 1}.attn_norm.weight" if il + 1 < n_layer else "output_norm.weight"
+            gam = np.asarray(next(t for t in rd.tensors if t.name == nxt).data, dtype=np.float64).ravel()
+            cg = np.linalg.norm(Wd * gam[:, None], axis=0)
+            m_ = np.abs(u).mean(0)
+            if args.m_from_file:
+                src_tau = np.asarray(taus[f"blk.{il}.chess_ffn_tau"].data, dtype=np.float64).reshape(len(levels), -1)
+                m_ = np.where(np.isfinite(src_tau[0]), 1.0 / src_tau[0], 0.0)
+            w = m_ * cg
         per_layer.append((np.abs(g), w))
         if args.budget != "none":
             rows = slice(0, len(g), max(1, len(g) // args.budget_rows))
             r2 = float(np.mean(np.load(d / args.resid / f"r{il}.npy").astype(np.float64) ** 2))
             y2 = float(np.mean(np.square((g[rows] * u[rows]) @ Wd.T, dtype=np.float64).sum(1)))
-            e = T.error_curve(g[rows], u[rows], w, Wd, grid) / (len(g[rows]) * (r2 + y2))
+            den = (r2 + y2) if args.budget == "resid" else y2  # ffnrel: relative to the FFN output itself
+            e = T.error_curve(g[rows], u[rows], w, Wd, grid) / (len(g[rows]) * den)
             cost[il] = e
         print(f"layer {il}", file=sys.stderr, flush=True)
     alloc = {}
@@ -272,6 +297,68 @@ def patch(args) -> None:
     if args.budget != "none":
         np.save(str(args.out) + ".cost.npy", cost)
     print(f"wrote {args.out}")
+
+
+def sensitivity(args) -> None:
+    """End-to-end per-layer sensitivity: NLL on held-out calibration text (the END of the calibration file,
+    beyond the tokens convert uses) when only layer l's FFN is sparse, at each sparsity of the grid
+    (paper rule, m from the file). Writes out/rows/<model>/sens.json: {"dense": nll, "grid": [...],
+    "nll": [[per layer per grid]]}."""
+    import shutil
+    from gguf import GGUFReader
+    from chess_gguf.evaluate import ppl_windows, window_nll
+    from chess_gguf.runtime import Context, Model
+    d = ROOT / model_key(args.src)
+    grid = [float(x) for x in args.grid.split(",")]
+    tmp = Path(args.tmp)
+    shutil.copyfile(args.src, tmp)
+    rd = GGUFReader(tmp, "r+")
+    levels = [float(x) for x in rd.fields["chess.levels"].contents()]
+    if len(grid) > len(levels):
+        raise SystemExit("grid longer than the file's levels")
+    taus = {t.name: t for t in rd.tensors if t.name.endswith("chess_ffn_tau")}
+    n_layer = len(taus)
+    orig = {k: np.array(v.data, dtype=np.float64).reshape(len(levels), -1) for k, v in taus.items()}
+    new_cols = {}
+    for il in range(n_layer):
+        tau0 = orig[f"blk.{il}.chess_ffn_tau"][0]
+        m = np.where(np.isfinite(tau0), 1.0 / tau0, 0.0)
+        g, _ = load(d, args.calib, il)
+        sc = np.abs(g) * m[None, :]
+        cols = [np.where(m > 0, np.quantile(sc, s_) / np.maximum(m, 1e-300), np.inf) for s_ in grid]
+        cols += [cols[-1]] * (len(levels) - len(grid))
+        new_cols[il] = np.stack(cols).astype(np.float32)
+    text = Path(args.text).read_text(encoding="utf-8")[-args.chars:]
+    res = {"grid": grid, "nll": [], "text": args.text, "chars": args.chars}
+
+    def run(label):
+        model = Model(tmp)
+        wins = ppl_windows(model, text, 512, args.tokens)
+        with Context(model, n_ctx=512, n_batch=512, n_threads=1) as c:
+            out = []
+            for k in range(len(grid) if label != "dense" else 1):
+                if label == "dense":
+                    c.chess_set(level="off")
+                else:
+                    c.chess_set("chess-ffn", f"{levels[k]:g}", "masked")
+                nll = cnt = 0
+                for w in wins:
+                    a, b = window_nll(c, w)
+                    nll, cnt = nll + a, cnt + b
+                out.append(nll / cnt)
+        model.close()
+        return out
+
+    res["dense"] = run("dense")[0]
+    for il in range(n_layer):
+        for jl in range(n_layer):
+            taus[f"blk.{jl}.chess_ffn_tau"].data[...] = (new_cols[jl] if jl == il else
+                                                          np.zeros_like(new_cols[jl])).reshape(taus[f"blk.{jl}.chess_ffn_tau"].data.shape)
+        rd.data.flush()
+        res["nll"].append(run("layer"))
+        print(f"layer {il}: " + " ".join(f"{x - res['dense']:+.4f}" for x in res["nll"][-1]), flush=True)
+    (d / "sens.json").write_text(json.dumps(res))
+    tmp.unlink()
 
 
 def main() -> None:
@@ -298,12 +385,23 @@ def main() -> None:
     pt.add_argument("out")
     pt.add_argument("--rule", default="chess")
     pt.add_argument("--calib", default="wiki_calib")
-    pt.add_argument("--budget", default="none", choices=["none", "resid"])
+    pt.add_argument("--budget", default="none", choices=["none", "resid", "ffnrel"])
     pt.add_argument("--resid", default="wiki_calib_short")
     pt.add_argument("--budget-rows", type=int, default=512)
     pt.add_argument("--span", type=float, default=0.2)
+    pt.add_argument("--m-from-file", action="store_true")
+    se = sub.add_parser("sensitivity")
+    se.add_argument("src")
+    se.add_argument("--tmp", default="out/sens.tmp.gguf")
+    se.add_argument("--calib", default="wiki_calib")
+    se.add_argument("--grid", default="0.3,0.5,0.7,0.9")
+    se.add_argument("--text", default="data/wiki_calib.txt")
+    se.add_argument("--chars", type=int, default=12000)
+    se.add_argument("--tokens", type=int, default=1024)
     args = ap.parse_args()
-    if args.cmd == "collect":
+    if args.cmd == "sensitivity":
+        sensitivity(args)
+    elif args.cmd == "collect":
         collect(args)
     elif args.cmd == "patch":
         patch(args)

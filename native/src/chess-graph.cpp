@@ -209,8 +209,9 @@ static void chess_retranspose_op(ggml_tensor * dst, int ith, int nth, void * ud)
     chess_retranspose(wt->data, wt->type, wt->nb[1], wt->ne[1], wt->ne[0], dst->data, dst->type, j0, j1);
 }
 
-// Batches up to this many tokens multiply a compact (transposed-only) weight with the in kernel,
-// larger ones re-transpose it first: re-transposing costs about as much as 2-4 dense rows of work.
+// Batches up to this many tokens multiply a compact (transposed-only) weight with the in kernel
+// (one pass over the weight per token), larger ones re-transpose it once and use ggml's matmul.
+// Not tuned yet: the crossover should be measured per type (issue #8).
 static const int64_t CHESS_COMPACT_IN_MAX_TOKENS = 4;
 
 ggml_tensor * chess_build_proj(ggml_context * ctx, chess_state * st, int64_t n_batch, const ggml_tensor * w, ggml_tensor * v,

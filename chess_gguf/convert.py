@@ -62,7 +62,7 @@ class Options:
     stat: str = "mean-abs"
     rule: str = "chess"   # per-channel FFN threshold rule (thresholds.RULES); recorded in chess.rule
     budget: bool = False  # per-layer FFN sparsity budget (same mean = the level); recorded in chess.budget
-    budget_rows: int = 1024
+    budget_rows: int = 512
     budget_span: float = 0.2
     attention: bool = True
     force: bool = False
@@ -135,15 +135,17 @@ def layer_budget(st: CalibStats, levels: Sequence[float], stat: str, rule: str, 
     work), chosen greedily (thresholds.greedy_budget) to minimise the summed FFN output error relative
     to the residual stream: sum_rows ||W_down (dropped * act(g) * u)||^2 / sum_rows ||ffn_inp||^2 on the
     calibration rows kept by calibrate(keep_signed=True); each layer stays within level +- span."""
-    cost = np.zeros((len(st.layers), len(BUDGET_GRID)))
+    lo_all, hi_all = min(levels) - span - 1e-9, max(levels) + span + 1e-9
+    grid = BUDGET_GRID[(BUDGET_GRID >= lo_all) & (BUDGET_GRID <= hi_all)]  # only where a layer may go
+    cost = np.zeros((len(st.layers), len(grid)))
     for il, L in enumerate(st.layers):
         if L.ga is None or L.u is None or L.sum_r2 <= 0:
             raise ValueError("layer_budget: calibration kept no signed rows (calibrate(keep_signed=True))")
         m = channel_stat(L.sum_abs_u, L.sum_sq_u, st.n_tokens, stat)
         w = rule_weights(rule, m, None if col_norms is None else col_norms[il])
-        cost[il] = error_curve(L.ga, L.u, w, w_down(il), BUDGET_GRID) / (len(L.ga) * L.sum_r2 / st.n_tokens)
-    out = np.stack([greedy_budget(cost, BUDGET_GRID, lv, lo=max(BUDGET_GRID[0], lv - span),
-                                  hi=min(BUDGET_GRID[-1], lv + span)) for lv in levels], axis=1)
+        cost[il] = error_curve(L.ga, L.u, w, w_down(il), grid) / (len(L.ga) * L.sum_r2 / st.n_tokens)
+    out = np.stack([greedy_budget(cost, grid, lv, lo=max(grid[0], lv - span),
+                                  hi=min(grid[-1], lv + span)) for lv in levels], axis=1)
     return out
 
 

@@ -271,7 +271,7 @@ def patch(args) -> None:
                 m_ = np.where(np.isfinite(src_tau[0]), 1.0 / src_tau[0], 0.0)
             w = m_ * cg
         per_layer.append((np.abs(g), w))
-        if args.budget != "none":
+        if args.budget in ("resid", "ffnrel"):
             rows = slice(0, len(g), max(1, len(g) // args.budget_rows))
             r2 = float(np.mean(np.load(d / args.resid / f"r{il}.npy").astype(np.float64) ** 2))
             y2 = float(np.mean(np.square((g[rows] * u[rows]) @ Wd.T, dtype=np.float64).sum(1)))
@@ -280,8 +280,15 @@ def patch(args) -> None:
             cost[il] = e
         print(f"layer {il}", file=sys.stderr, flush=True)
     alloc = {}
+    if args.budget == "sens":  # end-to-end per-layer NLL curves from `sensitivity`
+        sj = json.loads((d / "sens.json").read_text())
+        sg = np.array(sj["grid"])
+        grid = np.round(np.arange(sg[0], sg[-1] + 1e-9, 0.025), 4)
+        cost = np.stack([np.interp(grid, sg, np.maximum.accumulate(np.array(r))) for r in sj["nll"]])
     for lv in levels:
-        if args.budget == "none":
+        if args.budget == "sens":
+            alloc[lv] = T.greedy_budget(cost, grid, lv, lo=max(grid[0], lv - args.span), hi=min(grid[-1], lv + args.span))
+        elif args.budget == "none":
             alloc[lv] = np.full(n_layer, lv)
         else:
             alloc[lv] = T.greedy_budget(cost, grid, lv, lo=max(0.05, lv - args.span), hi=min(0.95, lv + args.span))
@@ -385,7 +392,7 @@ def main() -> None:
     pt.add_argument("out")
     pt.add_argument("--rule", default="chess")
     pt.add_argument("--calib", default="wiki_calib")
-    pt.add_argument("--budget", default="none", choices=["none", "resid", "ffnrel"])
+    pt.add_argument("--budget", default="none", choices=["none", "resid", "ffnrel", "sens"])
     pt.add_argument("--resid", default="wiki_calib_short")
     pt.add_argument("--budget-rows", type=int, default=512)
     pt.add_argument("--span", type=float, default=0.2)

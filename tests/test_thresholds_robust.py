@@ -123,8 +123,8 @@ def test_convert_rule_and_budget_end_to_end(smol_path, tmp_path):
     from chess_gguf.runtime import Context, Model
     from conftest import run_cli
     out = tmp_path / "w.chess.gguf"
-    r = run_cli("convert", smol_path, "-o", out, "--calib-tokens", "2048", "--levels", "0.5,0.7", "--rule", "wchess",
-                "--budget", "ffn-layer", "--threads", "2", "-q")
+    r = run_cli("convert", smol_path, "-o", out, "--calib-tokens", "2048", "--levels", "0.5", "--rule", "wchess",
+                "--budget", "ffn-layer", "--no-attention", "--threads", "2", "-q")
     assert r.returncode == 0, r.stderr
     assert "rule wchess + per-layer budget" in r.stdout
     rd = GGUFReader(out)

@@ -36,30 +36,32 @@ def _leftovers(folder):
 
 
 @pytest.fixture(scope="module")
-def full_run_seconds(smol_path, tmp_path_factory):
-    """One uninterrupted convert: how long it takes (to place the interrupts) and that it works."""
+def full_run(smol_path, tmp_path_factory):
+    """One uninterrupted convert: how long it takes (to place the interrupts), its output's size."""
     out = tmp_path_factory.mktemp("full") / "smol.chess.gguf"
     t0 = time.monotonic()
     p = _convert(smol_path, out)
     _, err = p.communicate(timeout=1800)
     assert p.returncode == 0, err
     assert out.stat().st_size > smol_path.stat().st_size
-    return time.monotonic() - t0
+    return {"seconds": time.monotonic() - t0, "size": out.stat().st_size}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_loses_nothing(smol_path, tmp_path, full_run_seconds, sig):
+def test_interrupt_loses_nothing(smol_path, tmp_path, full_run, sig):
     before = _sha(smol_path)
     rng = random.Random(int(sig))
     # early (start-up/calibration), middle, and late (transposing/writing the file)
     for frac in (rng.uniform(0.1, 0.3), rng.uniform(0.4, 0.7), rng.uniform(0.8, 0.98)):
         out = tmp_path / "smol.chess.gguf"
         p = _convert(smol_path, out)
-        time.sleep(frac * full_run_seconds)
+        time.sleep(frac * full_run["seconds"])
         p.send_signal(sig)
         _, err = p.communicate(timeout=600)
-        if p.returncode == 0:  # finished before the signal: a complete file is fine
+        if out.exists():  # the signal came after the file was renamed into place: it must be whole
+            assert out.stat().st_size == full_run["size"], (p.returncode, err)
             out.unlink()
+            assert _leftovers(tmp_path) == []
             continue
         assert p.returncode in (1, 130, -int(sig)), (p.returncode, err)
         assert "Traceback" not in err, err

@@ -3,8 +3,10 @@
 
 Tiny but complete CHESS GGUF files (a 2-layer "llama" header with only the CHESS tensors), small
 enough for libFuzzer to mutate quickly: one with every part, one without attention, one with
-f16 transposed copies and a single level. Usage: fuzz-seeds.py OUT_DIR
+f16 transposed copies and a single level. Plus regressions: inputs that once crashed the target,
+rebuilt here byte for byte so every run replays them first. Usage: fuzz-seeds.py OUT_DIR
 """
+import struct
 import sys
 from pathlib import Path
 
@@ -50,12 +52,21 @@ def seed(path: Path, levels, wt_type: QT, attention: bool) -> None:
     w.close()
 
 
+def regression_zero_dim_overflow(path: Path) -> None:
+    """One f32 tensor of shape (0x2a<<48, 0, 0x32<<48, 0): stock gguf.cpp multiplied the zero into
+    its element count and accepted the shape, ggml_new_tensor skips zeros and aborted (CI, #7)."""
+    ne = (0x2A << 48, 0, 0x32 << 48, 0)
+    info = struct.pack("<Q", 0) + struct.pack("<I", 4) + struct.pack("<4q", *ne) + struct.pack("<IQ", 0, 0)
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 0) + info + bytes(32))
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     seed(out / "seed-full.gguf", [0.3, 0.5, 0.7], QT.Q8_0, True)
     seed(out / "seed-ffn-only.gguf", [0.5, 0.7], QT.Q4_0, False)
     seed(out / "seed-f16-one-level.gguf", [0.5], QT.F16, True)
+    regression_zero_dim_overflow(out / "regression-zero-dim-overflow.gguf")
 
 
 if __name__ == "__main__":

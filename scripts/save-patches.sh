@@ -9,5 +9,6 @@ save 0001-build-hook.patch CMakeLists.txt src/CMakeLists.txt
 save 0002-loader.patch src/llama-arch.h src/llama-arch.cpp src/llama-model.h src/llama-model.cpp src/llama-model-loader.h src/llama-model-loader.cpp
 save 0003-graph.patch src/llama-cparams.h src/llama-graph.h src/llama-graph.cpp
 save 0004-api.patch include/llama.h src/llama-context.h src/llama-context.cpp
+save 0005-gguf-shape-check.patch ggml/src/gguf.cpp
 # drop empty patches so the series only lists real changes
 find "$out" -name '*.patch' -empty -delete

@@ -145,3 +145,18 @@ def test_inspect_cli_error(smol_chess, tmp_path):
     assert r.returncode == 1
     assert r.stderr.startswith(f"error: {bad}: {name}: invalid threshold nan"), r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_zero_dim_overflow_refused(tmp_path):
+    """A shape stock gguf.cpp accepts and ggml then aborts on (found by the fuzzer in CI): the
+    patched runtime refuses it with gguf's own message (native/patches/0005-gguf-shape-check.patch).
+    The same bytes are a regression seed of `make test-fuzz` (scripts/fuzz-seeds.py)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("fuzz_seeds", mutate.REPO / "scripts" / "fuzz-seeds.py")
+    seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seeds)
+    bad = tmp_path / "zero-dim-overflow.gguf"
+    seeds.regression_zero_dim_overflow(bad)
+    outcome, msg, _ = mutate.run_runtime(bad, ())
+    assert outcome == REFUSED, msg
+    assert "incorrect shape for a tensor" in msg, msg

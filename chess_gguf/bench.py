@@ -9,6 +9,12 @@ Reported: per-setting medians (tok/s) over the rounds, the ratio of each median 
 median, the realised sparsity of the decoded tokens (the runtime's counters), and the ideal
 speedup: weight bytes read per decoded token dense / sparse at that realised sparsity.
 
+Layouts: several files of one model (e.g. `--layout dual` and `--layout compact` conversions) and
+--original (the unconverted model) are loaded in the same process and all their settings are
+interleaved in every round; each file is also compared with the original's dense medians, and
+with --memory its file size and peak resident memory while decoding (a child llama-simple per
+file, measured from its rusage) are reported against the original's.
+
 With --kernels: the native kernel benchmark (chess-bench-kernels) for each level's kept fraction
 and thread counts 1 and --threads, instead of the end-to-end runs.
 
@@ -17,6 +23,7 @@ Only the standard library is imported at module level (the CLI builds its parser
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -36,15 +43,20 @@ STATS_PART = {"ffn": "ffn", "q": "attn_q", "o": "attn_o"}
 PREFIX_TOKENS = 8
 DENSE = "dense"  # the method name of the `off` run (one dense run serves every method)
 KERNEL_BIN = "chess-bench-kernels"
+MEMORY_BIN = "llama-simple"  # --memory: its peak RSS generating MEMORY_TOKENS tokens from MEMORY_PROMPT
+MEMORY_PROMPT = "The history of the city begins in the Roman period, when a small settlement grew around"
+MEMORY_TOKENS = 64
 
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
-# A per-layer weight that decoding reads sparsely: (realised-sparsity part, the tensor actually
-# read when sparse: None = the same tensor row by row, else the transposed CHESS copy).
+# A per-layer weight that decoding reads sparsely: (realised-sparsity part, the threshold tensor
+# whose presence makes the layer run that part sparsely, the transposed copy read instead in the
+# dual layout: None = the tensor itself, row by row (ffn_up; and all three in the compact layout,
+# where the originals are stored transposed)).
 _SPARSE_READS = {
-    "ffn_up.weight": ("ffn", None),
-    "ffn_down.weight": ("ffn", "chess_wt_down"),
-    "attn_q.weight": ("q", "chess_wt_q"),
-    "attn_output.weight": ("o", "chess_wt_o"),
+    "ffn_up.weight": ("ffn", "chess_ffn_tau", None),
+    "ffn_down.weight": ("ffn", "chess_ffn_tau", "chess_wt_down"),
+    "attn_q.weight": ("q", "chess_thr_q", "chess_wt_q"),
+    "attn_output.weight": ("o", "chess_thr_o", "chess_wt_o"),
 }
 
 
@@ -86,10 +98,9 @@ def decode_bytes(tensors: Mapping[str, int], method: str | None = None,
         il, kind = int(m.group(1)), m.group(2)
         if kind.startswith("chess_"):
             continue  # counted in place of the original it replaces
-        part, copy = _SPARSE_READS.get(kind, (None, None))
-        gate = f"blk.{il}.{copy or 'chess_wt_down'}"  # the layer runs this part sparsely iff it has the copy
-        if part in parts and gate in tensors:
-            read = tensors[f"blk.{il}.{copy}"] if copy else nb
+        part, gate, copy = _SPARSE_READS.get(kind, (None, None, None))
+        if part in parts and f"blk.{il}.{gate}" in tensors:
+            read = tensors.get(f"blk.{il}.{copy}", nb)
             total += read * (1.0 - _part_sparsity(sparsity, part, il))
         else:
             total += nb
@@ -158,7 +169,13 @@ def positive_int(s: str) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="CHESS GGUF file (python -m chess_gguf convert)")
+    p.add_argument("model", nargs="+", help="CHESS GGUF file(s) (python -m chess_gguf convert); several files "
+                                            "(layouts of one model) are measured side by side")
+    p.add_argument("--original", metavar="FILE", default=None,
+                   help="the unconverted model: measured dense in the same rounds, every file is compared with it")
+    p.add_argument("--memory", action="store_true",
+                   help=f"also report each file's peak resident memory while decoding ({MEMORY_TOKENS} tokens at "
+                        f"the first sparse level, a child {MEMORY_BIN} per file)")
     p.add_argument("--levels", type=parse_levels, default=None,
                    help="comma-separated levels: off, default or stored levels (default: off and every stored "
                         "level; off is always measured, it is the baseline of the ratios)")
@@ -178,19 +195,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # --- the file -------------------------------------------------------------------------------------
 
-def read_file(path: str | os.PathLike) -> dict:
-    """Tensor sizes, stored levels and default level of a CHESS file (clear errors otherwise)."""
+def read_file(path: str | os.PathLike, stock_ok: bool = False) -> dict:
+    """Tensor sizes, stored levels, default level, layout and size of a CHESS file (clear errors
+    otherwise); with stock_ok a file without CHESS (the original, a baseline) is read too."""
     from . import gguf_io
     r = gguf_io.read(path)  # missing/bad file: one line naming it
     tensors = {t.name: int(t.n_bytes) for t in r.tensors}
     levels = gguf_io.field_value(r, "chess.levels")
+    size = os.path.getsize(path)
+    if stock_ok and gguf_io.field_value(r, "chess.version") is None:
+        return {"tensors": tensors, "levels": [], "default": None, "layout": None, "size": size}
     if gguf_io.field_value(r, "chess.version") is None or not levels:
         raise ValueError(f"{path}: not a CHESS file (no chess.* keys): run `python -m chess_gguf convert` first")
     if not any(gguf_io.is_chess_tensor(n) for n in tensors):
         raise ValueError(f"{path}: CHESS keys but no CHESS tensors: reconvert it with `python -m chess_gguf convert`")
     default = gguf_io.field_value(r, "chess.default_level")
     return {"tensors": tensors, "levels": [f"{round(float(x), 6):g}" for x in levels],
-            "default": None if default is None else f"{round(float(default), 6):g}"}
+            "default": None if default is None else f"{round(float(default), 6):g}",
+            "layout": gguf_io.field_value(r, "chess.layout") or "dual", "size": size}
 
 
 def _resolve_levels(requested: Sequence[str] | None, info: dict) -> list[str]:
@@ -240,75 +262,176 @@ def _mean(rows: Sequence[Sequence[float]]) -> list[float]:
     return [sum(col) / len(col) for col in zip(*rows, strict=True)]
 
 
-def run(path: str | os.PathLike, *, levels: Sequence[str] | None = None, methods: Sequence[str] = ("chess",),
-        threads: int | None = None, reps: int = 5, decode_tokens: int = 128, prompt_tokens: int = 256,
-        prefill: str = "dense", progress=_progress) -> dict:
-    """The end-to-end benchmark; returns the JSON object `bench --json` prints."""
+def _configs(info: dict, levels: Sequence[str] | None, methods: Sequence[str]) -> list[tuple[str, str]]:
+    """(method, level) settings of one file: dense `off` first, then every method at every sparse level."""
+    if not info["levels"]:
+        return [(DENSE, "off")]
+    return [(DENSE, "off")] + [(m, lv) for m in methods for lv in _resolve_levels(levels, info) if lv != "off"]
+
+
+def tool_path(name: str) -> Path:
+    """A native program beside the patched libllama: $CHESS_GGUF_LIB (a file or a folder), else the build folder."""
+    from .runtime import DEFAULT_LIB_DIR
+    env = os.environ.get("CHESS_GGUF_LIB")
+    if env:
+        p = Path(env)
+        return (p.parent if p.is_file() else p) / name
+    return DEFAULT_LIB_DIR / name
+
+
+# Linux keeps a process's peak RSS across fork and exec, so a child forked from this (large) process
+# would report at least our own peak. A bare interpreter (a few MB) forks the program instead and
+# reports the grandchild's rusage.
+_RSS_PROBE = ("import os, sys\n"
+              "out = [(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)]\n"
+              "pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ, file_actions=out)\n"
+              "_, status, ru = os.wait4(pid, 0)\n"
+              "print(ru.ru_maxrss, os.waitstatus_to_exitcode(status))\n")
+
+
+def peak_rss(path: str | os.PathLike, level: str) -> int:
+    """Peak resident memory (bytes) of the patched llama-simple loading PATH and generating
+    MEMORY_TOKENS tokens at LEVEL (`off` = dense): the whole process, weights as the runtime maps
+    them, KV cache and compute buffers included."""
+    from .runtime import RuntimeError_
+    exe = tool_path(MEMORY_BIN)
+    if not (exe.is_file() and os.access(exe, os.X_OK)):
+        raise RuntimeError_(f"{exe}: not found (needed for peak memory): build it with `make`")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHESS_")}
+    env["CHESS_LEVEL"] = level
+    cmd = [sys.executable, "-S", "-c", _RSS_PROBE, str(exe), "-m", str(path), "-n", str(MEMORY_TOKENS), MEMORY_PROMPT]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    try:
+        kib, code = (int(x) for x in p.stdout.split()[-2:])
+    except ValueError:
+        kib, code = 0, p.returncode or 1
+    if code != 0:
+        why = (p.stderr.strip().splitlines() or ["no message"])[-1]
+        raise RuntimeError_(f"{exe} -m {path}: failed (exit {code}): {why}")
+    return kib * 1024  # Linux reports kilobytes
+
+
+def run(paths: str | os.PathLike | Sequence[str | os.PathLike], *, original: str | os.PathLike | None = None,
+        levels: Sequence[str] | None = None, methods: Sequence[str] = ("chess",), threads: int | None = None,
+        reps: int = 5, decode_tokens: int = 128, prompt_tokens: int = 256, prefill: str = "dense",
+        memory: bool = False, progress=_progress) -> dict:
+    """The end-to-end benchmark; returns the JSON object `bench --json` prints.
+
+    One file without --original: that file's settings against its own `off`. Several files (the
+    layouts of one model) and/or ORIGINAL (the unconverted model): every file in one process, all
+    settings of all files interleaved round by round, and each file also against the original's
+    dense medians; with memory, each file's size and peak resident memory (peak_rss) too."""
     from .runtime import Context, Model
 
-    info = read_file(path)
-    lvls = _resolve_levels(levels, info)
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    entries = [(str(p), read_file(p)) for p in paths]
+    if original is not None:
+        entries.insert(0, (str(original), read_file(original, stock_ok=True)))
     methods = list(methods)
     threads = threads or os.cpu_count() or 1
-    configs = [(DENSE, "off")] + [(m, lv) for m in methods for lv in lvls if lv != "off"]
-    model = Model(path)
-    try:
-        toks = _text_tokens(model, max(PREFIX_TOKENS + decode_tokens, prompt_tokens))
+    configs = [(fi, m, lv) for fi, (_, info) in enumerate(entries) for m, lv in _configs(info, levels, methods)]
+    runs = {c: {k: [] for k in ("decode", "prefill", "ffn", "q", "o", "layers", "counted")} for c in configs}
+    n_tok = max(PREFIX_TOKENS + decode_tokens, prompt_tokens)
+    need = max(512, PREFIX_TOKENS + decode_tokens, prompt_tokens)
+    n_ctx = -(-need // 256) * 256
+
+    with contextlib.ExitStack() as stack:
+        ctxs, toks = [], None
+        for path, _ in entries:
+            model = Model(path)
+            stack.callback(model.close)
+            t = _text_tokens(model, n_tok)
+            if toks is not None and t != toks:
+                raise ValueError(f"{path}: tokenizes the benchmark text differently from {entries[0][0]}: "
+                                 "compare layouts of one model only")
+            toks = t
+            ctxs.append(stack.enter_context(Context(model, n_ctx=n_ctx, n_batch=max(256, prompt_tokens),
+                                                    n_threads=threads)))
         prefix, prompt = toks[:PREFIX_TOKENS], toks[:prompt_tokens]
         dec = toks[PREFIX_TOKENS:PREFIX_TOKENS + decode_tokens]
-        need = max(512, PREFIX_TOKENS + decode_tokens, prompt_tokens)
-        n_ctx = -(-need // 256) * 256
-        runs = {c: {k: [] for k in ("decode", "prefill", "ffn", "q", "o", "layers", "counted")} for c in configs}
 
-        with Context(model, n_ctx=n_ctx, n_batch=max(256, prompt_tokens), n_threads=threads) as ctx:
-            def select(method: str, level: str) -> None:
-                ctx.chess_set(None if method == DENSE else method, level, prefill)
+        def select(fi: int, method: str, level: str) -> None:
+            if entries[fi][1]["levels"]:  # a stock original has no CHESS settings: it is always dense
+                ctxs[fi].chess_set(None if method == DENSE else method, level, prefill)
 
-            def decode_run() -> float:
-                ctx.clear()
-                ctx.decode(prefix, logits="compute")
-                ctx.chess_stats_reset()
-                t0 = time.perf_counter()
-                for t in dec:
-                    ctx.decode([t], logits="compute")  # output row computed, nothing copied back
-                return len(dec) / (time.perf_counter() - t0)
+        def decode_run(ctx) -> float:
+            ctx.clear()
+            ctx.decode(prefix, logits="compute")
+            ctx.chess_stats_reset()
+            t0 = time.perf_counter()
+            for t in dec:
+                ctx.decode([t], logits="compute")  # output row computed, nothing copied back
+            return len(dec) / (time.perf_counter() - t0)
 
-            def prefill_run() -> float:
-                ctx.clear()
-                t0 = time.perf_counter()
-                ctx.decode(prompt, logits="last")
-                return len(prompt) / (time.perf_counter() - t0)
+        def prefill_run(ctx) -> float:
+            ctx.clear()
+            t0 = time.perf_counter()
+            ctx.decode(prompt, logits="last")
+            return len(prompt) / (time.perf_counter() - t0)
 
-            # Every setting is validated (the runtime's message on a level the file lacks) and warmed
-            # up before anything is timed.
-            for method, level in configs:
-                select(method, level)
-                ctx.clear()
-                ctx.decode(prefix, logits="compute")
-                for t in dec[:4]:
-                    ctx.decode([t], logits="compute")
-            for rep in range(reps):
-                for method, level in configs:
-                    select(method, level)
-                    r = runs[(method, level)]
-                    r["decode"].append(decode_run())
-                    st = ctx.chess_stats()
-                    r["counted"].append(st["tokens"])
-                    overall, per_layer = _sparsity_of(st)
-                    for part in SPARSE_PARTS["chess"]:
-                        r[part].append(overall[part])
-                    r["layers"].append(per_layer)
-                    r["prefill"].append(prefill_run())
-                    progress(f"round {rep + 1}/{reps}: {method} {level}: decode {r['decode'][-1]:.1f} tok/s, "
-                             f"prompt {r['prefill'][-1]:.1f} tok/s")
-    finally:
-        model.close()
+        # Every setting is validated (the runtime's message on a level the file lacks) and warmed
+        # up before anything is timed.
+        for fi, method, level in configs:
+            select(fi, method, level)
+            ctxs[fi].clear()
+            ctxs[fi].decode(prefix, logits="compute")
+            for t in dec[:4]:
+                ctxs[fi].decode([t], logits="compute")
+        for rep in range(reps):
+            for fi, method, level in configs:
+                ctx = ctxs[fi]
+                select(fi, method, level)
+                r = runs[(fi, method, level)]
+                r["decode"].append(decode_run(ctx))
+                st = ctx.chess_stats()
+                r["counted"].append(st["tokens"])
+                overall, per_layer = _sparsity_of(st)
+                for part in SPARSE_PARTS["chess"]:
+                    r[part].append(overall[part])
+                r["layers"].append(per_layer)
+                r["prefill"].append(prefill_run(ctx))
+                who = f"{Path(entries[fi][0]).name}: " if len(entries) > 1 else ""
+                progress(f"round {rep + 1}/{reps}: {who}{method} {level}: decode {r['decode'][-1]:.1f} tok/s, "
+                         f"prompt {r['prefill'][-1]:.1f} tok/s")
 
+    common = {"threads": threads, "reps": reps, "decode_tokens": len(dec), "prompt_prefix_tokens": len(prefix),
+              "prompt_tokens": len(prompt), "prefill": prefill}
+    base = None
+    if original is not None:
+        path, info = entries[0]
+        r = runs[(0, DENSE, "off")]
+        base = {"file": path, "size_bytes": info["size"], "decode_tps": statistics.median(r["decode"]),
+                "prefill_tps": statistics.median(r["prefill"]), "decode_tps_runs": r["decode"],
+                "prefill_tps_runs": r["prefill"], "weight_bytes_dense": decode_bytes(info["tensors"])}
+        if memory:
+            progress(f"peak memory: {path} (dense)")
+            base["peak_rss_bytes"] = peak_rss(path, "off")
+    files = []
+    for fi, (path, info) in enumerate(entries):
+        if original is not None and fi == 0:
+            continue
+        mine = [(m, lv) for f, m, lv in configs if f == fi]
+        f = _summarise(path, info, {(m, lv): runs[(fi, m, lv)] for m, lv in mine}, methods, base)
+        if memory:
+            level = next((lv for m, lv in mine if m != DENSE), "off")
+            progress(f"peak memory: {path} (level {level})")
+            f["peak_rss_level"] = level
+            f["peak_rss_bytes"] = peak_rss(path, level)
+            if base is not None:
+                f["peak_rss_vs_original"] = f["peak_rss_bytes"] / base["peak_rss_bytes"]
+        files.append(f)
+    if len(files) == 1 and base is None:
+        return {**files[0], **common}  # the single-file shape
+    return {**common, "original": base, "files": files}
+
+
+def _summarise(path: str, info: dict, runs: dict, methods: Sequence[str], base: dict | None) -> dict:
+    """Medians and ratios of one file's settings; ratios to its own `off`, and to the original's
+    dense medians (`*_vs_original`) when there is one."""
     results, dec_sp, pre_sp, ideal = [], {}, {}, {}
-    base = runs[(DENSE, "off")]
-    base_dec, base_pre = statistics.median(base["decode"]), statistics.median(base["prefill"])
-    for method, level in configs:
-        r = runs[(method, level)]
+    own = runs[(DENSE, "off")]
+    own_dec, own_pre = statistics.median(own["decode"]), statistics.median(own["prefill"])
+    for (method, level), r in runs.items():
         sparse_method = None if method == DENSE else method
         per_layer = {part: _mean([lay[part] for lay in r["layers"]]) for part in SPARSE_PARTS["chess"]}
         d, p = statistics.median(r["decode"]), statistics.median(r["prefill"])
@@ -319,15 +442,20 @@ def run(path: str | os.PathLike, *, levels: Sequence[str] | None = None, methods
                "realised_sparsity_per_layer": per_layer,
                "sparse_tokens": max(r["counted"]),
                "ideal_speedup": ideal_speedup(info["tensors"], sparse_method, per_layer),
-               "decode_speedup": d / base_dec, "prefill_speedup": p / base_pre}
+               "decode_speedup": d / own_dec, "prefill_speedup": p / own_pre}
+        if base is not None:
+            res["decode_vs_original"] = d / base["decode_tps"]
+            res["prefill_vs_original"] = p / base["prefill_tps"]
         results.append(res)
         if method != DENSE:
             k = speedup_key(method, level, methods)
             dec_sp[k], pre_sp[k], ideal[k] = res["decode_speedup"], res["prefill_speedup"], res["ideal_speedup"]
-    return {"file": str(path), "threads": threads, "reps": reps, "decode_tokens": len(dec),
-            "prompt_prefix_tokens": len(prefix), "prompt_tokens": len(prompt), "prefill": prefill,
-            "weight_bytes_dense": decode_bytes(info["tensors"]),
-            "results": results, "decode_speedup": dec_sp, "prefill_speedup": pre_sp, "ideal_speedup": ideal}
+    out = {"file": path, "layout": info["layout"], "size_bytes": info["size"],
+           "weight_bytes_dense": decode_bytes(info["tensors"]),
+           "results": results, "decode_speedup": dec_sp, "prefill_speedup": pre_sp, "ideal_speedup": ideal}
+    if base is not None:
+        out["size_vs_original"] = info["size"] / base["size_bytes"]
+    return out
 
 
 def print_table(res: dict, out=None) -> None:
@@ -336,33 +464,46 @@ def print_table(res: dict, out=None) -> None:
     def w(line: str) -> None:
         print(line, file=out)
 
-    w(f"{res['file']}: {res['threads']} threads, median of {res['reps']} interleaved rounds; decode: "
-      f"{res['decode_tokens']} tokens after a {res['prompt_prefix_tokens']}-token prompt; prompt: "
-      f"{res['prompt_tokens']} tokens ({res['prefill']} prefill for sparse levels)")
-    w(f"{'method':<10} {'level':>5}  {'decode t/s':>10} {'speedup':>8} {'ideal':>6}  {'prompt t/s':>10} "
-      f"{'speedup':>8}  {'sparsity ffn':>12} {'q':>5} {'o':>5}")
-    for r in res["results"]:
-        s = r["realised_sparsity"]
-        lv = r["level"] if r["level"] == "off" else f"{r['level']:g}"
-        w(f"{r['method']:<10} {lv:>5}  {r['decode_tps']:>10.1f} {r['decode_speedup']:>7.2f}x "
-          f"{r['ideal_speedup']:>5.2f}x  {r['prefill_tps']:>10.1f} {r['prefill_speedup']:>7.2f}x  "
-          f"{s['ffn']:>12.3f} {s['q']:>5.3f} {s['o']:>5.3f}")
-    w("speedup: median tok/s / median tok/s of off (same context). ideal: weight bytes read per decoded "
-      "token, dense / sparse at the realised sparsity.")
+    base = res.get("original")
+    files = res.get("files", [res])
+    w(f"{res['threads']} threads, median of {res['reps']} interleaved rounds; decode: {res['decode_tokens']} tokens "
+      f"after a {res['prompt_prefix_tokens']}-token prompt; prompt: {res['prompt_tokens']} tokens "
+      f"({res['prefill']} prefill for sparse levels)")
+    mb = 1024 * 1024
+    if base is not None:
+        mem = f", peak memory {base['peak_rss_bytes'] / mb:.1f} MiB" if "peak_rss_bytes" in base else ""
+        w(f"original {base['file']}: {base['size_bytes'] / mb:.1f} MiB{mem}; dense decode {base['decode_tps']:.1f} "
+          f"tok/s, prompt {base['prefill_tps']:.1f} tok/s")
+    vs = base is not None
+    for f in files:
+        line = f"{f['file']} ({f['layout']} layout): {f['size_bytes'] / mb:.1f} MiB"
+        if vs:
+            line += f" ({f['size_vs_original']:.3f}x original)"
+        if "peak_rss_bytes" in f:
+            line += f", peak memory {f['peak_rss_bytes'] / mb:.1f} MiB at level {f['peak_rss_level']}"
+            if vs:
+                line += f" ({f['peak_rss_vs_original']:.3f}x original)"
+        w(line)
+        w(f"  {'method':<10} {'level':>5}  {'decode t/s':>10} {'speedup':>8} {'ideal':>6}  {'prompt t/s':>10} "
+          f"{'speedup':>8}  {'sparsity ffn':>12} {'q':>5} {'o':>5}" + ("  vs original: decode  prompt" if vs else ""))
+        for r in f["results"]:
+            s = r["realised_sparsity"]
+            lv = r["level"] if r["level"] == "off" else f"{r['level']:g}"
+            line = (f"  {r['method']:<10} {lv:>5}  {r['decode_tps']:>10.1f} {r['decode_speedup']:>7.2f}x "
+                    f"{r['ideal_speedup']:>5.2f}x  {r['prefill_tps']:>10.1f} {r['prefill_speedup']:>7.2f}x  "
+                    f"{s['ffn']:>12.3f} {s['q']:>5.3f} {s['o']:>5.3f}")
+            if vs:
+                line += f"  {r['decode_vs_original']:>19.2f}x {r['prefill_vs_original']:>6.2f}x"
+            w(line)
+    w("speedup: median tok/s / median tok/s of the same file's off (same process). ideal: weight bytes read per "
+      "decoded token, dense / sparse at the realised sparsity." + (" vs original: / the original's dense medians."
+                                                                   if vs else ""))
 
 
 # --- native kernel benchmark ----------------------------------------------------------------------
 
 def kernel_bin() -> Path:
-    """chess-bench-kernels beside the patched libllama: $CHESS_GGUF_LIB (a file or a folder), else the build folder."""
-    from .runtime import DEFAULT_LIB_DIR
-    env = os.environ.get("CHESS_GGUF_LIB")
-    if env:
-        p = Path(env)
-        folder = p.parent if p.is_file() else p
-    else:
-        folder = DEFAULT_LIB_DIR
-    return folder / KERNEL_BIN
+    return tool_path(KERNEL_BIN)
 
 
 def _parse_kernel_output(stdout: str, exe: Path) -> dict:
@@ -429,14 +570,17 @@ def print_kernels(res: dict, out=None) -> None:
 
 def command(args: argparse.Namespace) -> int:
     if args.kernels:
-        res = run_kernels(args.model, levels=args.levels, threads=args.threads, reps=args.reps)
+        if len(args.model) > 1 or args.original or args.memory:
+            raise ValueError("--kernels takes one CHESS file (no --original, no --memory)")
+        res = run_kernels(args.model[0], levels=args.levels, threads=args.threads, reps=args.reps)
         if args.json:
             print(json.dumps(res))
         else:
             print_kernels(res)
         return 0
-    res = run(args.model, levels=args.levels, methods=args.methods, threads=args.threads, reps=args.reps,
-              decode_tokens=args.decode_tokens, prompt_tokens=args.prompt_tokens, prefill=args.prefill)
+    res = run(args.model, original=args.original, levels=args.levels, methods=args.methods, threads=args.threads,
+              reps=args.reps, decode_tokens=args.decode_tokens, prompt_tokens=args.prompt_tokens,
+              prefill=args.prefill, memory=args.memory)
     if args.json:
         print(json.dumps(res))
     else:

@@ -212,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Decode (128 tokens) and prompt (256 tokens) speed of a CHESS file for each "
                                    "method and level, interleaved with dense (off) runs in one context: medians, "
                                    "ratios against off, realised sparsity and the ideal (weight bytes) speedup. "
+                                   "Several files (layouts of one model) and --original are measured in the same "
+                                   "rounds, each against the original (--memory: size and peak memory too). "
                                    "--kernels runs the native kernel benchmark instead.")
     bench_arguments(b)
     b.set_defaults(fn=cmd_bench)

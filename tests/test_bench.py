@@ -93,12 +93,23 @@ def test_decode_bytes_per_layer_and_missing_copies():
     sp = {"ffn": [0.5, math.nan], "q": [0.9, 0.9], "o": [0.9, 0.9]}
     want = fixed + (300 * 0.5 + 320 * 0.5) + (300 + 320) + 2 * (100 + 100)
     assert decode_bytes(t, "chess", sp) == pytest.approx(want)
-    # a layer without its chess_wt_down runs its FFN dense whatever the counters say
-    del t["blk.1.chess_wt_down"]
+    # a layer without its FFN part runs its FFN dense whatever the counters say
+    for k in ("chess_ffn_tau", "chess_ffn_cats", "chess_wt_down"):
+        del t[f"blk.1.{k}"]
     want = fixed + (300 * 0.5 + 320 * 0.5) + (300 + 300) + 2 * (100 + 100)
     assert decode_bytes(t, "chess", {"ffn": 0.5}) == pytest.approx(want)
     with pytest.raises(ValueError, match="unknown method"):
         decode_bytes(t, "relu", {})
+
+
+def test_decode_bytes_compact_layout():
+    """Compact: no chess_wt_* copies; ffn_down, attn_q, attn_output are themselves stored transposed
+    and read sparsely at their own size."""
+    t = {k: v for k, v in _tensors(tied=False).items() if "chess_wt_" not in k}
+    fixed = 4 + 800 + 2 * (2 + 2 + 1 + 20 + 20 + 300)
+    sp = {"ffn": 0.5, "q": 0.25, "o": 0.75}
+    assert decode_bytes(t, "chess", sp) == pytest.approx(fixed + 2 * (300 * 0.5 + 300 * 0.5 + 100 * 0.75 + 100 * 0.25))
+    assert decode_bytes(t) == fixed + 2 * (100 + 100 + 300 + 300)
 
 
 def test_argument_parsing():
@@ -195,6 +206,38 @@ def test_table(bench_json):
     text = out.getvalue()
     assert "decode t/s" in text and "ideal" in text
     assert any(line.split()[:2] == ["chess", "0.7"] for line in text.splitlines())
+
+
+def test_layouts_against_the_original(smol_path, chess_file):
+    """Several files + --original + --memory: one process, every setting of every file interleaved,
+    each file against the original's dense medians, sizes and peak memory from child processes."""
+    res = _json(run_cli("bench", chess_file, chess_file, "--original", smol_path, "--levels", "0.5", "--memory",
+                        "--json", *FAST))
+    base = res["original"]
+    assert base["file"] == str(smol_path) and base["size_bytes"] == smol_path.stat().st_size
+    assert len(base["decode_tps_runs"]) == 2 and base["decode_tps"] > 0
+    # the runtime maps the whole file: at least the weights are resident (no timing involved)
+    assert base["peak_rss_bytes"] > 0.9 * base["size_bytes"]
+    assert len(res["files"]) == 2
+    for f in res["files"]:
+        assert f["layout"] == "dual" and f["size_bytes"] == chess_file.stat().st_size
+        assert f["size_vs_original"] == pytest.approx(f["size_bytes"] / base["size_bytes"])
+        assert f["peak_rss_level"] == "0.5" and f["peak_rss_bytes"] > 0.9 * f["size_bytes"]
+        assert f["peak_rss_vs_original"] == pytest.approx(f["peak_rss_bytes"] / base["peak_rss_bytes"])
+        assert [(r["method"], r["level"]) for r in f["results"]] == [("dense", "off"), ("chess", 0.5)]
+        for r in f["results"]:
+            assert r["decode_vs_original"] == pytest.approx(r["decode_tps"] / base["decode_tps"])
+            assert r["prefill_vs_original"] == pytest.approx(r["prefill_tps"] / base["prefill_tps"])
+    out = io.StringIO()
+    print_table(res, out)
+    assert "(dual layout)" in out.getvalue() and "x original" in out.getvalue()
+
+
+def test_layouts_of_different_models_refused(smol_path, qwen_path, chess_file):
+    _one_line_error(run_cli("bench", smol_path, "--original", smol_path, *FAST), str(smol_path), "not a CHESS file")
+    r = run_cli("bench", chess_file, "--original", qwen_path, *FAST)
+    _one_line_error(r, str(chess_file), "tokenizes the benchmark text differently", str(qwen_path))
+    _one_line_error(run_cli("bench", chess_file, "--kernels", "--original", smol_path), "--kernels takes one CHESS file")
 
 
 def test_several_methods_key_by_method(chess_file):

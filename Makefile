@@ -14,7 +14,7 @@ BIN         := $(BLD)/bin
 PATCHES     := $(sort $(wildcard native/patches/*.patch))
 VENV        := .venv
 VPY         := $(VENV)/bin/python
-TARGETS     := llama llama-cli llama-server llama-bench llama-perplexity llama-quantize test-chess-kernels chess-bench-kernels llama-simple \
+TARGETS     := llama llama-cli llama-server llama-bench llama-perplexity llama-quantize test-chess-kernels chess-bench-kernels llama-simple chess-greedy \
               $(if $(filter x86_64,$(shell uname -m)),test-chess-kernels-avx2 test-chess-kernels-scalar)
 CCACHE      := $(shell command -v ccache 2>/dev/null)
 # The unpatched llama.cpp (tag `pristine`), built with the same options: tests/test_stock.py
@@ -98,10 +98,19 @@ test-native: native
 	  r=$$($(BIN)/test-chess-kernels-$$v | tail -1); echo "kernels built for $$v: $$r"; \
 	  case "$$r" in *" 0 failed") ;; *) exit 1;; esac; fi; done
 
-# aarch64: the kernel tests cross-built (NEON with and without SDOT) and run under qemu-user;
-# installs Debian's cross toolchain and qemu-user when missing. Build in build/arm-cmake.
-test-arm: build/.patched
-	JOBS=$(JOBS) scripts/test-arm.sh $(SRC)
+# A small converted SmolLM2 (4096 calibration tokens, level 0.5) for test-arm and test-sanitize.
+SAN_SMOL  := models/SmolLM2-135M-Instruct.Q4_1.gguf
+SAN_MODEL := build/sanitize/SmolLM2-135M-Instruct.Q4_1.chess.gguf
+$(SAN_MODEL):
+	$(MAKE) --no-print-directory native venv models data
+	@mkdir -p $(@D)
+	$(VPY) -m chess_gguf convert $(SAN_SMOL) -o $@ --calib-tokens 4096 --levels 0.5 --threads 2 -q
+
+# aarch64: the kernel tests cross-built (NEON with and without SDOT) and run under qemu-user, and a
+# short greedy generation of the small converted SmolLM2 (dense and level 0.5) that must match the
+# x86 build's text; installs Debian's cross toolchain and qemu-user when missing. build/arm-cmake.
+test-arm: build/.patched native $(SAN_MODEL)
+	JOBS=$(JOBS) scripts/test-arm.sh $(SRC) $(SAN_MODEL)
 
 # libFuzzer on the loader's CHESS checks (native/src/chess-check.cpp), clang + ASan/UBSan build in
 # build/fuzz-cmake; FUZZ_SECONDS bounds the run (installs Debian's clang when missing).
@@ -111,13 +120,6 @@ test-fuzz: build/.patched venv
 
 # ASan+UBSan build of ggml/libllama/native in build/asan-cmake (kernel tests, CHESS generation with
 # llama-simple on a small converted SmolLM2), TSan kernel tests in build/tsan: scripts/test-sanitize.sh.
-SAN_SMOL  := models/SmolLM2-135M-Instruct.Q4_1.gguf
-SAN_MODEL := build/sanitize/SmolLM2-135M-Instruct.Q4_1.chess.gguf
-$(SAN_MODEL):
-	$(MAKE) --no-print-directory native venv models data
-	@mkdir -p $(@D)
-	$(VPY) -m chess_gguf convert $(SAN_SMOL) -o $@ --calib-tokens 4096 --levels 0.5 --threads 2 -q
-
 test-sanitize: build/.patched native $(SAN_MODEL)
 	JOBS=$(JOBS) scripts/test-sanitize.sh $(SAN_MODEL) $(SRC)
 

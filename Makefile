@@ -98,13 +98,16 @@ test-native: native
 	  r=$$($(BIN)/test-chess-kernels-$$v | tail -1); echo "kernels built for $$v: $$r"; \
 	  case "$$r" in *" 0 failed") ;; *) exit 1;; esac; fi; done
 
-# A small converted SmolLM2 (4096 calibration tokens, level 0.5) for test-arm and test-sanitize.
+# A small converted SmolLM2 (4096 calibration tokens, level 0.5) for test-arm and test-sanitize
+# (and the same in the compact layout for test-sanitize).
 SAN_SMOL  := models/SmolLM2-135M-Instruct.Q4_1.gguf
 SAN_MODEL := build/sanitize/SmolLM2-135M-Instruct.Q4_1.chess.gguf
-$(SAN_MODEL):
+SAN_COMPACT := build/sanitize/SmolLM2-135M-Instruct.Q4_1.compact.chess.gguf
+$(SAN_MODEL) $(SAN_COMPACT):
 	$(MAKE) --no-print-directory native venv models data
 	@mkdir -p $(@D)
-	$(VPY) -m chess_gguf convert $(SAN_SMOL) -o $@ --calib-tokens 4096 --levels 0.5 --threads 2 -q
+	$(VPY) -m chess_gguf convert $(SAN_SMOL) -o $@ --calib-tokens 4096 --levels 0.5 --threads 2 -q \
+	    $(if $(findstring compact,$@),--layout compact)
 
 # aarch64: the kernel tests cross-built (NEON with and without SDOT) and run under qemu-user, and a
 # short greedy generation of the small converted SmolLM2 (dense and level 0.5) that must match the
@@ -120,8 +123,8 @@ test-fuzz: build/.patched venv
 
 # ASan+UBSan build of ggml/libllama/native in build/asan-cmake (kernel tests, CHESS generation with
 # llama-simple on a small converted SmolLM2), TSan kernel tests in build/tsan: scripts/test-sanitize.sh.
-test-sanitize: build/.patched native $(SAN_MODEL)
-	JOBS=$(JOBS) scripts/test-sanitize.sh $(SAN_MODEL) $(SRC)
+test-sanitize: build/.patched native $(SAN_MODEL) $(SAN_COMPACT)
+	JOBS=$(JOBS) scripts/test-sanitize.sh $(SAN_MODEL) $(SRC) $(SAN_COMPACT)
 
 test: all models data test-native test-arm test-fuzz test-sanitize native-pristine
 	$(VPY) -m pytest -q tests

@@ -8,7 +8,8 @@
 #    sanitizers), GGML_NATIVE, static, into build/asan-cmake (targets test-chess-kernels and
 #    llama-simple only; ccache when present).
 #    Runs the kernel tests, then llama-simple on a converted SmolLM2 (32 tokens) with CHESS at
-#    level 0.5: default method and dense prefill, CHESS_PREFILL=masked, CHESS_METHOD=cats.
+#    level 0.5: default method and dense prefill, CHESS_PREFILL=masked, CHESS_METHOD=cats; and the
+#    same model in the compact layout (third argument) dense and at 0.5.
 #    Leak detection is on; any UBSan report is fatal (halt_on_error).
 # 2. TSan: the kernel test and chess-kernels.c compiled with -fsanitize=thread into build/tsan,
 #    linked against ggml-base/ggml-cpu of the normal build (build/cmake/bin: built by `make`).
@@ -18,13 +19,14 @@
 # Every run must end without a sanitizer report; the kernel tests must end "N passed, 0 failed".
 # UBSan suppressions for findings in stock ggml (none in our code): scripts/sanitize/ubsan.supp.
 #
-#   scripts/test-sanitize.sh MODEL.chess.gguf [llama.cpp source dir]
+#   scripts/test-sanitize.sh MODEL.chess.gguf [llama.cpp source dir] [MODEL.compact.chess.gguf]
 #   env: JOBS (default 2), ASAN_BLD (build/asan-cmake), TSAN_BLD (build/tsan), LIB_BLD (build/cmake),
 #        SAN_TOKENS (32)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MODEL=${1:?usage: $0 MODEL.chess.gguf [llama.cpp source dir]}
+MODEL=${1:?usage: $0 MODEL.chess.gguf [llama.cpp source dir] [MODEL.compact.chess.gguf]}
 SRC=${2:-build/llama.cpp}
+COMPACT=${3:-}
 ABLD=${ASAN_BLD:-build/asan-cmake}
 TBLD=${TSAN_BLD:-build/tsan}
 LBLD=${LIB_BLD:-build/cmake}
@@ -93,20 +95,25 @@ echo "asan+ubsan build: $(( $(date +%s) - t0 )) s"
 run_kernel_test "test-chess-kernels (asan+ubsan)" "$ABLD/bin/test-chess-kernels" "$ABLD/test-chess-kernels.log"
 
 # --- CHESS generation under ASan + UBSan --------------------------------------------------------
-# name, then environment assignments
+# name, model, then environment assignments. The compact file (when given) runs every product by
+# its transposed W_down/W_q/W_o through our code: the re-transposition for the prompt, the kernel
+# without thresholds when dense (off), the sparse kernel at 0.5.
 gen_runs=(
-    "chess-0.5      CHESS_LEVEL=0.5"
-    "chess-0.5-mask CHESS_LEVEL=0.5 CHESS_PREFILL=masked"
-    "cats-0.5       CHESS_LEVEL=0.5 CHESS_METHOD=cats"
+    "chess-0.5      $MODEL CHESS_LEVEL=0.5"
+    "chess-0.5-mask $MODEL CHESS_LEVEL=0.5 CHESS_PREFILL=masked"
+    "cats-0.5       $MODEL CHESS_LEVEL=0.5 CHESS_METHOD=cats"
 )
+if [ -n "$COMPACT" ]; then
+    gen_runs+=("compact-off $COMPACT CHESS_LEVEL=off" "compact-0.5 $COMPACT CHESS_LEVEL=0.5")
+fi
 prompt="The capital of France is Paris. The capital of Germany is"
 for run in "${gen_runs[@]}"; do
-    read -r name envs <<<"$run"
+    read -r name model envs <<<"$run"
     log="$ABLD/llama-simple-$name.log"
     t0=$(date +%s)
     rc=0
     # shellcheck disable=SC2086 # envs is a list of assignments
-    env $envs "$ABLD/bin/llama-simple" -m "$MODEL" -n "$NTOK" "$prompt" >"$log" 2>&1 || rc=$?
+    env $envs "$ABLD/bin/llama-simple" -m "$model" -n "$NTOK" "$prompt" >"$log" 2>&1 || rc=$?
     setting=$(grep -o "CHESS method = .*" "$log" | head -1 || true)
     speed=$(grep -o "decoded [0-9]* tokens in .*" "$log" | head -1 || true)
     if [ $rc = 0 ] && ! san_report "$log" && [ -n "$setting" ] && [ -n "$speed" ]; then

@@ -104,7 +104,8 @@ gen_runs=(
     "cats-0.5       $MODEL CHESS_LEVEL=0.5 CHESS_METHOD=cats"
 )
 if [ -n "$COMPACT" ]; then
-    gen_runs+=("compact-off $COMPACT CHESS_LEVEL=off" "compact-0.5 $COMPACT CHESS_LEVEL=0.5")
+    # crossover 4: the 13-token prompt takes the re-transposition, the decoded tokens the kernel
+    gen_runs+=("compact-off $COMPACT CHESS_LEVEL=off CHESS_COMPACT_IN_MAX_TOKENS=4" "compact-0.5 $COMPACT CHESS_LEVEL=0.5")
 fi
 prompt="The capital of France is Paris. The capital of Germany is"
 for run in "${gen_runs[@]}"; do

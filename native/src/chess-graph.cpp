@@ -211,8 +211,17 @@ static void chess_retranspose_op(ggml_tensor * dst, int ith, int nth, void * ud)
 
 // Batches up to this many tokens multiply a compact (transposed-only) weight with the in kernel
 // (one pass over the weight per token), larger ones re-transpose it once and use ggml's matmul.
-// Not tuned yet: the crossover should be measured per type (issue #8).
-static const int64_t CHESS_COMPACT_IN_MAX_TOKENS = 4;
+// Measured (llama-bench -p N -n 0 -t 2, dense, kernel vs re-transposition, tok/s): Qwen2.5-0.5B
+// N=8 55-63 vs 23-38, N=16 79-91 vs 53-67, N=32 96-97 vs 83-96, N=128 112-123 vs 154-188;
+// SmolLM2 N=16 159-188 vs 121-123, N=32 162-163 vs 165, N=64 mixed. The environment variable of
+// the same name overrides it (for measuring the crossover on other models and machines).
+static int64_t chess_compact_in_max_tokens() {
+    static const int64_t n = [] {
+        const char * e = getenv("CHESS_COMPACT_IN_MAX_TOKENS");
+        return e && *e ? (int64_t) atoll(e) : (int64_t) 32;
+    }();
+    return n;
+}
 
 ggml_tensor * chess_build_proj(ggml_context * ctx, chess_state * st, int64_t n_batch, const ggml_tensor * w, ggml_tensor * v,
                                const chess_name_cb & cb) {
@@ -250,7 +259,7 @@ ggml_tensor * chess_build_proj(ggml_context * ctx, chess_state * st, int64_t n_b
     GGML_ASSERT(v->ne[0] == wt->ne[1]);
     const char * name = part == CHESS_PART_Q ? "attn_q_chess" : part == CHESS_PART_O ? "attn_o_chess" : "ffn_down_chess";
     ggml_tensor * y;
-    if (sparse || v->ne[1] <= CHESS_COMPACT_IN_MAX_TOKENS) {
+    if (sparse || v->ne[1] <= chess_compact_in_max_tokens()) {
         ggml_tensor * args[3] = { v, wt, sparse ? ggml_view_1d(ctx, thr, 1, st->level * sizeof(float)) : nullptr };
         y = ggml_custom_4d(ctx, GGML_TYPE_F32, wt->ne[0], v->ne[1], 1, 1, args, sparse ? 3 : 2, chess_in_op,
                            GGML_N_TASKS_MAX, op_params(st, il, sparse ? part : CHESS_N_PARTS)); // dense: uncounted

@@ -79,10 +79,10 @@ for t in test-chess-kernels test-chess-kernels-armv8; do
     case "$last" in *" 0 failed") ;; *) fail=1 ;; esac
 done
 if [ -n "$MODEL" ]; then
-    # Greedy generation, compared up to near-ties: ggml's NEON and x86 (AVX2/AVX-512) dot products round
-    # differently (activations quantized per ISA, other summation orders), and sparse decoding
-    # compares activations with thresholds, so two builds may pick different tokens where the top
-    # two logits are nearly equal. Each build generates N_GEN tokens and the other replays them
+    # Greedy generation, compared up to near-ties: ggml's NEON and x86 (AVX2/AVX-512) dot
+    # products round differently (activations quantized per ISA, other summation orders), and
+    # sparse decoding compares activations with thresholds, so two builds may pick different
+    # tokens where the top two logits are nearly equal. Each build generates N_GEN tokens and the other replays them
     # (chess-greedy --force): at every step the replayed token must be within GAP_MAX_* of the
     # replaying build's own best logit.
     prompt="The capital of France is a city that"

@@ -203,9 +203,10 @@ def read_file(path: str | os.PathLike, stock_ok: bool = False) -> dict:
     tensors = {t.name: int(t.n_bytes) for t in r.tensors}
     levels = gguf_io.field_value(r, "chess.levels")
     size = os.path.getsize(path)
-    if stock_ok and gguf_io.field_value(r, "chess.version") is None:
+    version = gguf_io.field_value(r, "chess.version")
+    if stock_ok and version is None:
         return {"tensors": tensors, "levels": [], "default": None, "layout": None, "size": size}
-    if gguf_io.field_value(r, "chess.version") is None or not levels:
+    if version is None or not levels:
         raise ValueError(f"{path}: not a CHESS file (no chess.* keys): run `python -m chess_gguf convert` first")
     if not any(gguf_io.is_chess_tensor(n) for n in tensors):
         raise ValueError(f"{path}: CHESS keys but no CHESS tensors: reconvert it with `python -m chess_gguf convert`")
@@ -502,10 +503,6 @@ def print_table(res: dict, out=None) -> None:
 
 # --- native kernel benchmark ----------------------------------------------------------------------
 
-def kernel_bin() -> Path:
-    return tool_path(KERNEL_BIN)
-
-
 def _parse_kernel_output(stdout: str, exe: Path) -> dict:
     text = stdout.strip()
     candidates = [text] + [ln for ln in reversed(text.splitlines()) if ln.lstrip().startswith("{")]
@@ -522,7 +519,7 @@ def _parse_kernel_output(stdout: str, exe: Path) -> dict:
 def run_kernels(path: str | os.PathLike, *, levels: Sequence[str] | None = None, threads: int | None = None,
                 reps: int = 5, progress=_progress) -> dict:
     from .runtime import RuntimeError_
-    exe = kernel_bin()
+    exe = tool_path(KERNEL_BIN)
     if not (exe.is_file() and os.access(exe, os.X_OK)):
         raise RuntimeError_(f"{exe}: kernel benchmark not found: build it with `make` (target {KERNEL_BIN})")
     info = read_file(path)

@@ -73,7 +73,7 @@ def _part_sparsity(sparsity: Mapping | None, part: str, il: int) -> float:
 
 
 def decode_bytes(tensors: Mapping[str, int], method: str | None = None,
-                 sparsity: Mapping | None = None) -> float:
+                 sparsity: Mapping | None = None, fixed: Mapping[str, int] | None = None) -> float:
     """Bytes of weights read per decoded token.
 
     tensors: name -> n_bytes of every tensor in the file. Dense (method None): every original
@@ -83,7 +83,8 @@ def decode_bytes(tensors: Mapping[str, int], method: str | None = None,
     one of its rows). Sparse (method chess, chess-ffn or cats): in a layer that has the CHESS copy,
     ffn_up counts n_bytes*(1-s_ffn), ffn_down is replaced by chess_wt_down*(1-s_ffn), and for chess
     attn_q by chess_wt_q*(1-s_q) and attn_output by chess_wt_o*(1-s_o). sparsity: {"ffn", "q", "o"}
-    -> a fraction or a per-layer list of fractions (NaN/None = that layer runs dense)."""
+    -> a fraction or a per-layer list of fractions (NaN/None = that layer runs dense). fixed: bytes of a
+    copy read whatever the sparsity (an x4 copy's affine pairs: 4 of its 20 bytes per 32 weights)."""
     if method is not None and method not in SPARSE_PARTS:
         raise ValueError(f"unknown method {method!r} (expected one of {', '.join(METHODS)})")
     parts = SPARSE_PARTS[method] if method else ()
@@ -100,16 +101,18 @@ def decode_bytes(tensors: Mapping[str, int], method: str | None = None,
             continue  # counted in place of the original it replaces
         part, gate, copy = _SPARSE_READS.get(kind, (None, None, None))
         if part in parts and f"blk.{il}.{gate}" in tensors:
-            read = tensors.get(f"blk.{il}.{copy}", nb)
-            total += read * (1.0 - _part_sparsity(sparsity, part, il))
+            src = f"blk.{il}.{copy}" if f"blk.{il}.{copy}" in tensors else name  # the copy, or itself
+            read, always = tensors[src], (fixed or {}).get(src, 0)
+            total += always + (read - always) * (1.0 - _part_sparsity(sparsity, part, il))
         else:
             total += nb
     return total
 
 
-def ideal_speedup(tensors: Mapping[str, int], method: str | None, sparsity: Mapping | None) -> float:
+def ideal_speedup(tensors: Mapping[str, int], method: str | None, sparsity: Mapping | None,
+                  fixed: Mapping[str, int] | None = None) -> float:
     """Dense bytes per decoded token / sparse bytes at that sparsity (1.0 for method None)."""
-    sparse = decode_bytes(tensors, method, sparsity)
+    sparse = decode_bytes(tensors, method, sparsity, fixed)
     return decode_bytes(tensors) / sparse if sparse > 0 else float("inf")
 
 
@@ -198,9 +201,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def read_file(path: str | os.PathLike, stock_ok: bool = False) -> dict:
     """Tensor sizes, stored levels, default level, layout and size of a CHESS file (clear errors
     otherwise); with stock_ok a file without CHESS (the original, a baseline) is read too."""
+    from gguf import GGMLQuantizationType as QT
+
     from . import gguf_io
     r = gguf_io.read(path)  # missing/bad file: one line naming it
     tensors = {t.name: int(t.n_bytes) for t in r.tensors}
+    fixed = {t.name: int(t.n_bytes) // 5 for t in r.tensors  # x4: the pairs are 4 of 20 bytes
+             if t.tensor_type == QT.I8 and gguf_io.is_transposed_weight(t.name)}
     levels = gguf_io.field_value(r, "chess.levels")
     size = os.path.getsize(path)
     version = gguf_io.field_value(r, "chess.version")
@@ -211,7 +218,7 @@ def read_file(path: str | os.PathLike, stock_ok: bool = False) -> dict:
     if not any(gguf_io.is_chess_tensor(n) for n in tensors):
         raise ValueError(f"{path}: CHESS keys but no CHESS tensors: reconvert it with `python -m chess_gguf convert`")
     default = gguf_io.field_value(r, "chess.default_level")
-    return {"tensors": tensors, "levels": [f"{round(float(x), 6):g}" for x in levels],
+    return {"tensors": tensors, "fixed": fixed, "levels": [f"{round(float(x), 6):g}" for x in levels],
             "default": None if default is None else f"{round(float(default), 6):g}",
             "layout": gguf_io.field_value(r, "chess.layout") or "dual", "size": size}
 
@@ -442,7 +449,7 @@ def _summarise(path: str, info: dict, runs: dict, methods: Sequence[str], base: 
                "realised_sparsity": {part: sum(r[part]) / len(r[part]) for part in SPARSE_PARTS["chess"]},
                "realised_sparsity_per_layer": per_layer,
                "sparse_tokens": max(r["counted"]),
-               "ideal_speedup": ideal_speedup(info["tensors"], sparse_method, per_layer),
+               "ideal_speedup": ideal_speedup(info["tensors"], sparse_method, per_layer, info.get("fixed")),
                "decode_speedup": d / own_dec, "prefill_speedup": p / own_pre}
         if base is not None:
             res["decode_vs_original"] = d / base["decode_tps"]

@@ -187,7 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "output error relative to the residual stream (layer level within +-0.2)")
     c.add_argument("--no-attention", action="store_true", help="omit the attention thresholds and W_q/W_o copies")
     c.add_argument("--wt-type", default=None,
-                   help="ggml type for the transposed copies (default: the original's, see docs/format.md)")
+                   help="transposed copies: x4 (default) stores 4-bit originals (Q4_0, Q4_1, Q4_K) exactly, their "
+                        "codes regrouped by input channel (no second rounding; the size of Q4_1) and requantizes "
+                        "the others by the rule of docs/format.md; requant: that rule for every copy (the "
+                        "format before x4); a ggml type (q8_0, f16, ...): every copy requantized to it")
     c.add_argument("--layout", choices=["dual", "compact"], default="dual",
                    help="dual (default): add transposed copies of W_down, W_q, W_o beside the originals "
                         "(fastest prompt processing, +~25%% file size); compact: replace the originals by "

@@ -13,7 +13,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT, GGUFValueType as VT
 
 from . import __version__
-from . import gguf_io
+from . import gguf_io, x4
 from .calibrate import SUPPORTED_ARCHS, CalibStats, calibrate
 from .runtime import Model, quantize_rows
 from .thresholds import (RULES, channel_stat, check_levels, column_norms, error_curve, greedy_budget,
@@ -66,7 +66,7 @@ class Options:
     budget_span: float = 0.2
     attention: bool = True
     force: bool = False
-    wt_type: Optional[str] = None
+    wt_type: Optional[str] = None  # None/"x4": x4 where it fits; "requant": the type rule; or a ggml type
     layout: str = "dual"
     progress: bool = True
 
@@ -162,8 +162,10 @@ def calib_sparsity(st: CalibStats, thr: list[dict], levels: Sequence[float]) -> 
     return res
 
 
-def transposed_tensors(reader, n_layer: int, wt_type: Optional[QT], progress: bool, layout: str = "dual") -> list[tuple]:
-    """Transposed, requantized copies of W_down, W_q, W_o for every layer."""
+def transposed_tensors(reader, n_layer: int, wt_type: Optional[QT], progress: bool, layout: str = "dual",
+                       exact: bool = False) -> list[tuple]:
+    """Transposed copies of W_down, W_q, W_o for every layer: requantized, or with `exact` the x4
+    layout (I8 rows, chess_gguf/x4.py) where the original is 4-bit."""
     by_name = {t.name: t for t in reader.tensors}
     jobs = []
     for il in range(n_layer):
@@ -179,6 +181,12 @@ def transposed_tensors(reader, n_layer: int, wt_type: Optional[QT], progress: bo
         bar = tqdm(total=len(jobs), unit="mat", desc="transposing", dynamic_ncols=True)
     for name, dst in jobs:
         t = by_name[name]
+        n_in, n_out = int(t.shape[0]), int(t.shape[1])
+        if exact and x4.fits(QT(int(t.tensor_type)), n_out, n_in):
+            out.append((dst, x4.from_raw(t.data, QT(int(t.tensor_type)), n_out, n_in), QT.I8))
+            if bar:
+                bar.update(1)
+            continue
         w = gguf_io.tensor_f32(reader, name)       # [n_out, n_in]
         wt = np.ascontiguousarray(w.T)             # [n_in, n_out]: one row per input channel
         qt = transposed_type(QT(int(t.tensor_type)), wt.shape[1], wt_type, layout)
@@ -219,8 +227,8 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"{inp_p}: architecture {arch!r} is not supported "
                          f"(supported: {', '.join(sorted(SUPPORTED_ARCHS))})")
-    wt_type = None
-    if opt.wt_type:
+    wt_type = None  # default x4: exact copies of 4-bit originals, the rule for the rest
+    if opt.wt_type and opt.wt_type not in ("x4", "requant"):
         try:
             wt_type = QT[opt.wt_type.upper()]
         except KeyError:
@@ -253,7 +261,7 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
         if opt.attention:
             tensors.append((f"blk.{il}.chess_thr_q", t["attn_q"].astype(np.float32), None))
             tensors.append((f"blk.{il}.chess_thr_o", t["attn_o"].astype(np.float32), None))
-    wts = transposed_tensors(reader, n_layer, wt_type, opt.progress, opt.layout)
+    wts = transposed_tensors(reader, n_layer, wt_type, opt.progress, opt.layout, exact=opt.wt_type in (None, "x4"))
     if not opt.attention:
         wts = [w for w in wts if w[0].endswith("chess_wt_down")]
     drop = set()
@@ -285,7 +293,7 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
     return {
         "output": str(out_p), "arch": arch, "rule": opt.rule, "budget": bool(opt.budget), "levels": levels, "layout": opt.layout, "n_tokens": st.n_tokens,
         "seconds": time.perf_counter() - t0, "calib_seconds": t_calib,
-        "size_in": size_in, "size_out": size_out, "sparsity": sp, "wt_types": sorted({str(w[2].name if w[2] is not None else w[1].dtype) for w in wts}),
+        "size_in": size_in, "size_out": size_out, "sparsity": sp, "wt_types": sorted({"x4" if w[2] == QT.I8 else str(w[2].name if w[2] is not None else w[1].dtype) for w in wts}),
     }
 
 

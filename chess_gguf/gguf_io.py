@@ -18,6 +18,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, GGUFWriter, GGMLQuantizationType
 from gguf.quants import dequantize
 
+from . import x4
+
 CHESS_PREFIX = "chess."
 CHESS_TENSOR_MARK = ".chess_"
 
@@ -102,9 +104,18 @@ def field_value(reader: GGUFReader, key: str, default: Any = None) -> Any:
     return default if f is None else f.contents()
 
 
+def is_transposed_weight(name: str) -> bool:
+    """A transposed copy, or an original that the compact layout stores transposed."""
+    return CHESS_TENSOR_MARK + "wt_" in name or name.endswith(tuple(CHESS_COMPACT_ORIGINALS.values()))
+
+
 def tensor_f32(reader: GGUFReader, name: str) -> np.ndarray:
-    """A tensor dequantized to float32, in numpy (row-major) shape (ne1, ne0)."""
+    """A tensor dequantized to float32, in numpy (row-major) shape (ne1, ne0); a transposed copy in the
+    x4 layout as the copy it stands for, [n_in, n_out]."""
     for t in reader.tensors:
+        if t.name == name and t.tensor_type == GGMLQuantizationType.I8 and is_transposed_weight(name):
+            n_out, n_in = int(t.shape[0]) // x4.BYTES_PER_32, int(t.shape[1]) * 32
+            return np.ascontiguousarray(x4.to_float(t.data, n_out, n_in).T)
         if t.name == name:
             data = dequantize(t.data, t.tensor_type)
             return np.asarray(data, dtype=np.float32).reshape(int(t.shape[1]), int(t.shape[0]))
@@ -307,6 +318,11 @@ def check_chess(reader: GGUFReader, path: str | os.PathLike) -> dict:
 
     def check(t: Any, il: int, kind: str) -> None:
         shape, want = [int(x) for x in t.shape], expected(kind, il)
+        if kind in WT_KINDS and t.tensor_type == GGMLQuantizationType.I8:  # the exact x4 layout
+            if want[0] % 32 or want[1] % 32:
+                raise ValueError(f"{path}: {t.name}: the x4 layout needs dimensions that are multiples of 32, "
+                                 f"not {list(want)}")
+            want = (want[0] * x4.BYTES_PER_32, want[1] // 32)
         if len(shape) > 4 or pad4(shape) != pad4(want):
             hint = " (a transposed copy: row i holds input channel i)" if kind in WT_KINDS else ""
             raise ValueError(f"{path}: {t.name}: shape {shape}, expected {list(want)}{hint}")
@@ -322,7 +338,7 @@ def check_chess(reader: GGUFReader, path: str | os.PathLike) -> dict:
                 where = f"channel {c}, level {float(levels[k]):g}" if kind == "chess_ffn_tau" else f"level {float(levels[k]):g}"
                 rule = "not NaN and >= 0" if kind == "chess_ffn_tau" else "finite and >= 0"
                 raise ValueError(f"{path}: {t.name}: invalid threshold {float(v[k, c])} at {where} (must be {rule})")
-        else:
+        elif t.tensor_type != GGMLQuantizationType.I8:
             if t.tensor_type in WT_UNSUPPORTED:
                 raise ValueError(f"{path}: {t.name}: type {t.tensor_type.name.lower()} is not supported by the CHESS kernels")
             block = GGML_QUANT_SIZES[t.tensor_type][0]

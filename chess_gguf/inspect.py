@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from gguf import GGMLQuantizationType as QT
 
 from . import gguf_io
 from .runtime import Context, Model
@@ -32,7 +33,8 @@ def read_chess(path: str) -> dict:
     layers: list[dict] = [{} for _ in range(chk["n_layer"])]  # a layer may lack some or all CHESS tensors
     for (il, kind), t in chk["tensors"].items():
         if kind.startswith("chess_wt_"):
-            layers[il][kind] = {"type": t.tensor_type.name, "shape": [int(x) for x in t.shape]}
+            layers[il][kind] = {"type": "x4" if t.tensor_type == QT.I8 else t.tensor_type.name,  # chess_gguf/x4.py
+                                "shape": [int(x) for x in t.shape]}
         else:
             layers[il][kind] = np.asarray(t.data, dtype=np.float32).reshape(len(levels), -1)  # [n_levels, n or 1]
     return {"meta": meta, "levels": levels, "layers": layers}

@@ -86,6 +86,17 @@ def test_decode_bytes_sparse_and_ideal_speedup():
     assert decode_bytes(t, "chess", {"ffn": 0.0, "q": 0.0, "o": 0.0}) == fixed + 2 * (300 + 320 + 110 + 120)
 
 
+def test_decode_bytes_x4_pairs_always_read():
+    """An x4 copy's affine pairs (fixed bytes) are read whatever the sparsity, its codes in proportion."""
+    t = _tensors(tied=False)
+    fixed_rest = 4 + 800 + 2 * (2 + 2 + 1 + 20 + 20 + 300)
+    x4 = {f"blk.{il}.chess_wt_down": 64 for il in (0, 1)}
+    sp = {"ffn": 0.5, "q": 0.25, "o": 0.75}
+    want = fixed_rest + 2 * (300 * 0.5 + 64 + (320 - 64) * 0.5 + 110 * 0.75 + 120 * 0.25)
+    assert decode_bytes(t, "chess", sp, x4) == pytest.approx(want)
+    assert ideal_speedup(t, "chess", sp, x4) == pytest.approx(decode_bytes(t) / want)
+
+
 def test_decode_bytes_per_layer_and_missing_copies():
     t = _tensors(tied=True, attention_copies=False)
     fixed = 4 + 1000 + 2 * (2 + 2 + 1 + 20 + 20 + 300)

@@ -3,7 +3,7 @@ under their own names, and the runtime runs every product by them from that layo
 
 SmolLM2 Q4_1 is converted twice with the same calibration (the session's dual `smol_chess` and a
 compact file here). Every original tensor of SmolLM2 is Q4_1 or Q8_0, so the compact file's W_down,
-W_q, W_o are byte for byte the dual file's transposed copies: sparse decoding reads the same bytes
+W_q, W_o are byte for byte the dual file's transposed copies (x4, chess_gguf/x4.py): sparse decoding reads the same bytes
 through the same kernels in both layouts and must give the same logits exactly. Dense products
 by a compact weight take two routes (the kernel without thresholds for batches of up to
 CHESS_COMPACT_IN_MAX_TOKENS = 32 tokens, a per-layer Q8_0 re-transposition and ggml's matmul above),
@@ -12,7 +12,7 @@ which must agree with each other to within the Q8_0 rounding of the re-transpose
 import numpy as np
 import pytest
 from conftest import _convert
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType as QT, GGUFReader
 
 from chess_gguf.runtime import Context, Model
 
@@ -46,7 +46,9 @@ def test_compact_file(smol_path, smol_chess, smol_compact):
         kind = name.split(".", 2)[-1]
         if kind in LAYOUT_MOVED:
             o, copy = orig[name], dual[name.replace(kind, COPY_OF[kind])]
-            assert list(t.shape) == list(o.shape)[::-1], name
+            n_in, n_out = (int(x) for x in o.shape)
+            want = [20 * n_out, n_in // 32] if t.tensor_type == QT.I8 else [n_out, n_in]  # x4 rows, or transposed
+            assert list(t.shape) == want, name
             assert t.tensor_type == copy.tensor_type and np.array_equal(t.data, copy.data), name
             n_moved += 1
         elif ".chess_" in name:
@@ -85,7 +87,7 @@ def test_sparse_decoding_equals_dual(smol_chess, smol_compact):
 def test_dense_batch_routes_agree(smol_compact, n_batch):
     """Dense (off) logits of a 48-token text decoded in batches of n_batch tokens: up to 32
     (CHESS_COMPACT_IN_MAX_TOKENS) run the kernel without thresholds, 33 and 48 the re-transposed
-    Q8_0 weight + ggml's matmul. Against token-by-token decoding: identical for the kernel (below
+    Q8_0 weight (made from the x4 codes) + ggml's matmul. Against token-by-token decoding: identical for the kernel (below
     64 tokens llama.cpp's other dense ops give rows bit-identical to decoding, tests/test_soak.py);
     through the re-transposition the same argmax nearly everywhere and a small relative error."""
     m = Model(smol_compact)

@@ -96,6 +96,13 @@ static std::string check_thresholds(const ggml_tensor * t, int64_t n_ch, size_t 
 }
 
 static std::string check_weight(const ggml_tensor * t, int64_t ne0, int64_t ne1) {
+    if (t->type == CHESS_X4) { // [n_out, n_in] stored as rows of 20*n_out bytes per 32 inputs
+        if (!chess_x4_ok(ne1, ne0)) {
+            return std::string(t->name) + ": the x4 layout needs dimensions that are multiples of 32, not " +
+                   std::to_string(ne0) + " x " + std::to_string(ne1);
+        }
+        return check_shape(t, ne0 * CHESS_X4_BYTES_PER_32, ne1 / 32);
+    }
     if (!chess_type_supported(t->type)) {
         return std::string(t->name) + ": type " + ggml_type_name(t->type) + " is not supported by the CHESS kernels";
     }

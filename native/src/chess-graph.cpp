@@ -153,7 +153,7 @@ static void chess_in_op(ggml_tensor * dst, int ith, int nth, void * ud) {
     const ggml_tensor * v = dst->src[0], * wt = dst->src[1], * thr = dst->src[2];
     const int64_t n_in = v->ne[0], n_out = dst->ne[0], n_tok = dst->ne[1];
     int64_t j0, j1;
-    chess_thread_range(n_out, ggml_blck_size(wt->type), ith, nth, &j0, &j1);
+    chess_thread_range(n_out, chess_in_align(wt->type), ith, nth, &j0, &j1);
     uint64_t active = 0;
     for (int64_t t = 0; t < n_tok; ++t) {
         active += chess_in_sparse(wt->data, wt->type, wt->nb[1], n_in, n_out,
@@ -174,7 +174,7 @@ ggml_tensor * chess_build_ffn(ggml_context * ctx, chess_state * st, int il, int6
                               ggml_tensor * gate, ggml_tensor * up, enum chess_act act, const chess_name_cb & cb) {
     const int64_t n_tok = x->ne[1];
     if (!st || !st->active(il, CHESS_PART_FFN, n_batch) || !gate || !up || x->type != GGML_TYPE_F32 ||
-        !chess_type_supported(up->type) || !chess_type_supported(st->layers[il].wt_down->type)) {
+        !chess_type_supported(up->type) || !chess_wt_supported(st->layers[il].wt_down->type)) {
         return nullptr;
     }
     const chess_layer & L = st->layers[il];
@@ -194,7 +194,8 @@ ggml_tensor * chess_build_ffn(ggml_context * ctx, chess_state * st, int il, int6
                                      GGML_N_TASKS_MAX, pu);
     cb(h, "ffn_chess_h", il);
     ggml_tensor * args_down[2] = { h, L.wt_down };
-    ggml_tensor * y = ggml_custom_4d(ctx, GGML_TYPE_F32, L.wt_down->ne[0], n_tok, 1, 1, args_down, 2, chess_in_op,
+    ggml_tensor * y = ggml_custom_4d(ctx, GGML_TYPE_F32, chess_wt_n_out(L.wt_down->type, L.wt_down->ne[0]), n_tok, 1, 1,
+                                     args_down, 2, chess_in_op,
                                      GGML_N_TASKS_MAX, op_params(st, il, CHESS_N_PARTS));
     cb(y, "ffn_chess_down", il);
     return y;
@@ -205,8 +206,9 @@ static void chess_retranspose_op(ggml_tensor * dst, int ith, int nth, void * ud)
     (void) ud;
     const ggml_tensor * wt = dst->src[0];
     int64_t j0, j1;
-    chess_thread_range(wt->ne[0], ggml_blck_size(wt->type), ith, nth, &j0, &j1);
-    chess_retranspose(wt->data, wt->type, wt->nb[1], wt->ne[1], wt->ne[0], dst->data, dst->type, j0, j1);
+    const int64_t n_in = chess_wt_n_in(wt->type, wt->ne[1]), n_out = chess_wt_n_out(wt->type, wt->ne[0]);
+    chess_thread_range(n_out, chess_in_align(wt->type), ith, nth, &j0, &j1);
+    chess_retranspose(wt->data, wt->type, wt->nb[1], n_in, n_out, dst->data, dst->type, j0, j1);
 }
 
 // Batches up to this many tokens multiply a compact (transposed-only) weight with the in kernel
@@ -246,7 +248,7 @@ ggml_tensor * chess_build_proj(ggml_context * ctx, chess_state * st, int64_t n_b
     if (!sparse && !st->compact) {
         return nullptr;
     }
-    if (!wt || !chess_type_supported(wt->type)) {
+    if (!wt || !chess_wt_supported(wt->type)) {
         GGML_ASSERT(!st->compact && "the loader refuses compact files with unsupported types");
         return nullptr;
     }
@@ -256,17 +258,18 @@ ggml_tensor * chess_build_proj(ggml_context * ctx, chess_state * st, int64_t n_b
     if (ggml_n_dims(v) > 2) {
         v = ggml_reshape_2d(ctx, v, v->ne[0], ggml_nrows(v));
     }
-    GGML_ASSERT(v->ne[0] == wt->ne[1]);
+    const int64_t n_in = chess_wt_n_in(wt->type, wt->ne[1]), n_out = chess_wt_n_out(wt->type, wt->ne[0]);
+    GGML_ASSERT(v->ne[0] == n_in);
     const char * name = part == CHESS_PART_Q ? "attn_q_chess" : part == CHESS_PART_O ? "attn_o_chess" : "ffn_down_chess";
     ggml_tensor * y;
     if (sparse || v->ne[1] <= chess_compact_in_max_tokens()) {
         ggml_tensor * args[3] = { v, wt, sparse ? ggml_view_1d(ctx, thr, 1, st->level * sizeof(float)) : nullptr };
-        y = ggml_custom_4d(ctx, GGML_TYPE_F32, wt->ne[0], v->ne[1], 1, 1, args, sparse ? 3 : 2, chess_in_op,
+        y = ggml_custom_4d(ctx, GGML_TYPE_F32, n_out, v->ne[1], 1, 1, args, sparse ? 3 : 2, chess_in_op,
                            GGML_N_TASKS_MAX, op_params(st, il, sparse ? part : CHESS_N_PARTS)); // dense: uncounted
     } else {
-        const ggml_type dt = chess_retranspose_ok(GGML_TYPE_Q8_0, wt->ne[1]) ? GGML_TYPE_Q8_0 : GGML_TYPE_F32;
+        const ggml_type dt = chess_retranspose_ok(GGML_TYPE_Q8_0, n_in) ? GGML_TYPE_Q8_0 : GGML_TYPE_F32;
         ggml_tensor * args[1] = { wt };
-        ggml_tensor * wd = ggml_custom_4d(ctx, dt, wt->ne[1], wt->ne[0], 1, 1, args, 1, chess_retranspose_op,
+        ggml_tensor * wd = ggml_custom_4d(ctx, dt, n_in, n_out, 1, 1, args, 1, chess_retranspose_op,
                                           GGML_N_TASKS_MAX, nullptr);
         cb(wd, "chess_retransposed", il);
         y = ggml_mul_mat(ctx, wd, v);

@@ -1832,8 +1832,172 @@ static ch_in_fn ch_in_fast(enum ggml_type type, const char ** name) {
     return NULL;
 }
 
+// ---------------------------------------------------------------------------------------------
+// x4: exact transposed 4-bit weights (chess_gguf/x4.py, docs/format.md). One I8 row per group g of
+// 32 input channels: a f16[n_out] | b f16[n_out] | 32 x n_out/2 bytes of codes (per 32 outputs 16
+// bytes, byte k = q[k] | q[k+16] << 4), w[j][32g+c] = a[j]*q + b[j]: the original's codes and
+// block pairs, reordered, not requantized. Per group with active inputs:
+//   t_j = sum over its active c of v_c * q_cj;   y_j += a_j * t_j + b_j * sum(v_c)
+// so a weight costs one FMA per active input, plus two per output per group.
+
+size_t chess_x4_row_bytes(int64_t n_out) {
+    return (size_t) CHESS_X4_BYTES_PER_32 * (size_t) n_out;
+}
+
+bool chess_x4_ok(int64_t n_in, int64_t n_out) {
+    return n_in > 0 && n_out > 0 && n_in % 32 == 0 && n_out % 32 == 0;
+}
+
+// t[0 .. 32*nb) += sum over the n inputs k of c[k] * codes of channel ch[k]; rows start at column j0
+static void ch_x4_codes(const uint8_t * codes, size_t cs, const int32_t * ch, const float * c, int64_t n,
+                        float * t, int64_t nb) {
+    int64_t k = 0;
+#if defined(CHESS_AVX2)
+    if (!ch_force_generic) {
+        for (; k + 4 <= n; k += 4) {
+            const uint8_t * r[4] = { codes + ch[k] * cs, codes + ch[k + 1] * cs, codes + ch[k + 2] * cs, codes + ch[k + 3] * cs };
+            const __m256 vc[4] = { _mm256_set1_ps(c[k]), _mm256_set1_ps(c[k + 1]), _mm256_set1_ps(c[k + 2]), _mm256_set1_ps(c[k + 3]) };
+            for (int64_t b = 0; b < nb; b++) {
+                __m256 a[4] = { _mm256_loadu_ps(t + 32*b), _mm256_loadu_ps(t + 32*b + 8),
+                                _mm256_loadu_ps(t + 32*b + 16), _mm256_loadu_ps(t + 32*b + 24) };
+                for (int q = 0; q < 4; q++) {
+                    __m256 f[4];
+                    ch_i8x32_to_ps(ch_nibbles(r[q] + 16*b), f);
+                    for (int e = 0; e < 4; e++) {
+                        a[e] = _mm256_fmadd_ps(vc[q], f[e], a[e]);
+                    }
+                }
+                for (int e = 0; e < 4; e++) {
+                    _mm256_storeu_ps(t + 32*b + 8*e, a[e]);
+                }
+            }
+        }
+    }
+#elif defined(CHESS_NEON)
+    if (!ch_force_generic) {
+        for (; k + 4 <= n; k += 4) {
+            const uint8_t * r[4] = { codes + ch[k] * cs, codes + ch[k + 1] * cs, codes + ch[k + 2] * cs, codes + ch[k + 3] * cs };
+            for (int64_t b = 0; b < nb; b++) {
+                ch_nacc32 a = ch_nacc_load(t + 32*b);
+                for (int q = 0; q < 4; q++) {
+                    const uint8x16_t v = vld1q_u8(r[q] + 16*b);
+                    ch_neon_fma16(a.v,     vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0F))), c[k + q]);
+                    ch_neon_fma16(a.v + 4, vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), c[k + q]);
+                }
+                ch_nacc_store(t + 32*b, a);
+            }
+        }
+    }
+#endif
+    for (; k < n; k++) { // the same FMA per element and order as the vector bodies
+        const uint8_t * r = codes + ch[k] * cs;
+        for (int64_t b = 0; b < nb; b++) {
+            for (int e = 0; e < 16; e++) {
+                t[32*b + e]      = CH_FMA(c[k], (float) (r[16*b + e] & 15), t[32*b + e]);
+                t[32*b + e + 16] = CH_FMA(c[k], (float) (r[16*b + e] >> 4), t[32*b + e + 16]);
+            }
+        }
+    }
+}
+
+// y[j] += a[j] * t[j] + b[j] * s for j < n (n a multiple of 32)
+static void ch_x4_affine(float * y, const float * t, const ggml_fp16_t * a, const ggml_fp16_t * b, float s, int64_t n) {
+    int64_t j = 0;
+#if defined(CHESS_AVX2)
+    if (!ch_force_generic) {
+        const __m256 vs = _mm256_set1_ps(s);
+        for (; j < n; j += 8) {
+            const __m256 va = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (a + j)));
+            const __m256 vb = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (b + j)));
+            const __m256 yj = _mm256_fmadd_ps(vb, vs, _mm256_loadu_ps(y + j));
+            _mm256_storeu_ps(y + j, _mm256_fmadd_ps(va, _mm256_loadu_ps(t + j), yj));
+        }
+    }
+#elif defined(CHESS_NEON)
+    if (!ch_force_generic) {
+        for (; j < n; j += 4) {
+            const float32x4_t va = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *) (a + j))));
+            const float32x4_t vb = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *) (b + j))));
+            vst1q_f32(y + j, vfmaq_f32(vfmaq_n_f32(vld1q_f32(y + j), vb, s), va, vld1q_f32(t + j)));
+        }
+    }
+#endif
+    for (; j < n; j++) {
+        y[j] = CH_FMA(ch_h2f(a[j]), t[j], CH_FMA(ch_h2f(b[j]), s, y[j]));
+    }
+}
+
+// columns [j0, j1) (multiples of 32) from the active list (increasing input index)
+static void ch_in_x4(const char * w, size_t nb1, int64_t n_out, const int32_t * idx, const float * c, int64_t na,
+                     float * y, int64_t j0, int64_t j1) {
+    const int64_t tile = CH_TILE_COLS;
+    const size_t cs = (size_t) n_out / 2;
+    float   * t  = ch_grow(&tls_deq, (size_t) tile * sizeof(float) + 32 * sizeof(int32_t));
+    int32_t * ch = (int32_t *) (t + tile);
+    for (int64_t jt = j0; jt < j1; jt += tile) {
+        const int64_t nt = j1 - jt < tile ? j1 - jt : tile;
+        memset(y + jt, 0, (size_t) nt * sizeof(float));
+        for (int64_t k = 0; k < na; ) {
+            const int32_t g = idx[k] >> 5;
+            int64_t ke = k;
+            float s = 0.0f;
+            for (; ke < na && (idx[ke] >> 5) == g; ke++) {
+                ch[ke - k] = idx[ke] & 31;
+                s += c[ke];
+            }
+            const char * row = w + (size_t) g * nb1;
+            const ggml_fp16_t * a = (const ggml_fp16_t *) row;
+            // the next group's codes: its channels are known, the hardware prefetcher cannot guess them
+            if (ke < na) {
+                const char * nrow = w + (size_t) (idx[ke] >> 5) * nb1 + 4 * n_out + jt / 2;
+                for (int64_t q = ke; q < na && (idx[q] >> 5) == (idx[ke] >> 5); q++) {
+                    ch_prefetch_bytes(nrow + (size_t) (idx[q] & 31) * cs, (size_t) nt / 2);
+                }
+                ch_prefetch_bytes(w + (size_t) (idx[ke] >> 5) * nb1 + 2 * jt, 2 * (size_t) nt);
+                ch_prefetch_bytes(w + (size_t) (idx[ke] >> 5) * nb1 + 2 * (n_out + jt), 2 * (size_t) nt);
+            }
+            memset(t, 0, (size_t) nt * sizeof(float));
+            ch_x4_codes((const uint8_t *) row + 4 * n_out + jt / 2, cs, ch, c + k, ke - k, t, nt / 32);
+            ch_x4_affine(y + jt, t, a + jt, a + n_out + jt, s, nt);
+            k = ke;
+        }
+    }
+}
+
+static int64_t ch_in_x4_ref(const void * wt, size_t nb1, int64_t n_in, int64_t n_out, const float * v,
+                            const float * thr, int64_t n_thr, float * y, int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; j++) {
+        y[j] = 0.0f;
+    }
+    int64_t na = 0;
+    for (int64_t i = 0; i < n_in; i++) {
+        const float vi = v[i];
+        if (!(vi != 0.0f && (!thr || fabsf(vi) >= ch_thr(thr, n_thr, i)))) {
+            continue;
+        }
+        na++;
+        const char * row = (const char *) wt + (size_t) (i / 32) * nb1;
+        const ggml_fp16_t * a = (const ggml_fp16_t *) row, * b = a + n_out;
+        const uint8_t * q = (const uint8_t *) row + 4 * n_out + (size_t) (i % 32) * (n_out / 2);
+        for (int64_t j = j0; j < j1; j++) {
+            const int code = j % 32 < 16 ? q[j / 32 * 16 + j % 32] & 15 : q[j / 32 * 16 + j % 32 - 16] >> 4;
+            y[j] += vi * (ggml_fp16_to_fp32(a[j]) * (float) code + ggml_fp16_to_fp32(b[j]));
+        }
+    }
+    return na;
+}
+
 const char * chess_in_sparse_route(enum ggml_type type) {
     const char * name;
+    if (type == CHESS_X4) {
+#if defined(CHESS_AVX2)
+        return ch_force_generic ? "generic-x4" : "avx2-x4";
+#elif defined(CHESS_NEON)
+        return ch_force_generic ? "generic-x4" : "neon-x4";
+#else
+        return "generic-x4";
+#endif
+    }
     ch_in_fast(type, &name);
     return name;
 }
@@ -1851,11 +2015,12 @@ static void ch_in_run(const void * wt, enum ggml_type type, size_t nb1, const in
 
 int64_t chess_in_sparse(const void * wt, enum ggml_type type, size_t nb1, int64_t n_in, int64_t n_out,
                         const float * v, const float * thr, int64_t n_thr, float * y, int64_t j0, int64_t j1) {
-    (void) n_out;
     int32_t * idx;
     float   * c;
     const int64_t na = ch_active(v, thr, n_thr, 0, n_in, &idx, &c);
-    if (j1 > j0) {
+    if (j1 > j0 && type == CHESS_X4) {
+        ch_in_x4((const char *) wt, nb1, n_out, idx, c, na, y, j0, j1);
+    } else if (j1 > j0) {
         ch_in_run(wt, type, nb1, idx, c, na, y, j0, j1);
     }
     return na;
@@ -1863,6 +2028,9 @@ int64_t chess_in_sparse(const void * wt, enum ggml_type type, size_t nb1, int64_
 
 int64_t chess_in_sparse_ref(const void * wt, enum ggml_type type, size_t nb1, int64_t n_in, int64_t n_out,
                             const float * v, const float * thr, int64_t n_thr, float * y, int64_t j0, int64_t j1) {
+    if (type == CHESS_X4) {
+        return ch_in_x4_ref(wt, nb1, n_in, n_out, v, thr, n_thr, y, j0, j1);
+    }
     float * row = malloc((size_t) n_out * sizeof(float));
     for (int64_t j = j0; j < j1; j++) {
         y[j] = 0.0f;
@@ -1898,9 +2066,37 @@ bool chess_retranspose_ok(enum ggml_type dtype, int64_t n_in) {
     return (dtype == GGML_TYPE_F32 || (tc && tc->from_float)) && n_in % ggml_blck_size(dtype) == 0;
 }
 
+// x4 (j0, j1 multiples of 32): output row by output row, straight from the codes and pairs
+static void ch_retranspose_x4(const char * wt, size_t nb1, int64_t n_in, int64_t n_out, void * w,
+                              enum ggml_type dtype, int64_t j0, int64_t j1) {
+    float * row = ch_grow(&tls_tile, (size_t) n_in * sizeof(float));
+    const size_t cs = (size_t) n_out / 2, drow = ggml_row_size(dtype, n_in);
+    const ggml_from_float_t from_float = dtype == GGML_TYPE_F32 ? NULL : ggml_get_type_traits_cpu(dtype)->from_float;
+    for (int64_t j = j0; j < j1; j++) {
+        const int shift = j % 32 < 16 ? 0 : 4;
+        for (int64_t g = 0; g < n_in / 32; g++) {
+            const char * r = wt + (size_t) g * nb1;
+            const float a = ch_h2f(((const ggml_fp16_t *) r)[j]), b = ch_h2f(((const ggml_fp16_t *) r)[n_out + j]);
+            const uint8_t * q = (const uint8_t *) r + 4 * n_out + j / 32 * 16 + j % 16;
+            for (int c = 0; c < 32; c++) {
+                row[32 * g + c] = a * (float) ((q[(size_t) c * cs] >> shift) & 15) + b;
+            }
+        }
+        char * dst = (char *) w + (size_t) j * drow;
+        if (from_float) {
+            from_float(row, dst, n_in);
+        } else {
+            memcpy(dst, row, (size_t) n_in * sizeof(float));
+        }
+    }
+}
+
 void chess_retranspose(const void * wt, enum ggml_type type, size_t nb1, int64_t n_in, int64_t n_out,
                        void * w, enum ggml_type dtype, int64_t j0, int64_t j1) {
-    (void) n_out;
+    if (type == CHESS_X4) {
+        ch_retranspose_x4((const char *) wt, nb1, n_in, n_out, w, dtype, j0, j1);
+        return;
+    }
     const int64_t bs  = ggml_blck_size(type);
     const size_t  ts  = ggml_type_size(type);
     const int64_t tw  = bs >= 32 ? bs : 32;              // tile width: whole blocks, >= 32 outputs
@@ -1944,6 +2140,18 @@ void chess_retranspose(const void * wt, enum ggml_type type, size_t nb1, int64_t
 
 void chess_retranspose_ref(const void * wt, enum ggml_type type, size_t nb1, int64_t n_in, int64_t n_out,
                            float * w) {
+    if (type == CHESS_X4) { // w[j][i] = a*q + b, from the layout's definition
+        for (int64_t i = 0; i < n_in; i++) {
+            const char * r = (const char *) wt + (size_t) (i / 32) * nb1;
+            const uint8_t * q = (const uint8_t *) r + 4 * n_out + (size_t) (i % 32) * (n_out / 2);
+            for (int64_t j = 0; j < n_out; j++) {
+                const int code = j % 32 < 16 ? q[j / 32 * 16 + j % 32] & 15 : q[j / 32 * 16 + j % 32 - 16] >> 4;
+                w[j * n_in + i] = ggml_fp16_to_fp32(((const ggml_fp16_t *) r)[j]) * (float) code +
+                                  ggml_fp16_to_fp32(((const ggml_fp16_t *) r)[n_out + j]);
+            }
+        }
+        return;
+    }
     float * row = malloc((size_t) n_out * sizeof(float));
     for (int64_t i = 0; i < n_in; i++) {
         const void * src = (const char *) wt + (size_t) i * nb1;

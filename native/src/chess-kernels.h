@@ -54,6 +54,33 @@ int64_t chess_up_sparse(const void * w_up, enum ggml_type type, size_t nb1, int6
                         const float * g, const float * tau, int64_t n_tau, enum chess_act act,
                         const void * xq, float * h, int64_t i0, int64_t i1);
 
+// x4: exact transposed layout of 4-bit weights (Q4_0, Q4_1, Q4_K; chess_gguf/x4.py). Stored as an
+// I8 tensor [20 * n_out, n_in / 32]: row g = the input channels 32g .. 32g+31, as
+//   a f16[n_out] | b f16[n_out] | 32 x n_out/2 bytes of 4-bit codes q  (w[j][i] = a[j]*q + b[j]),
+// the original's codes and per-block pairs reordered, NOT requantized. chess_in_sparse and its
+// reference take type CHESS_X4 with nb1 = chess_x4_row_bytes(n_out); column ranges are multiples
+// of 32 (chess_in_align). No other kernel reads it.
+#define CHESS_X4 GGML_TYPE_I8
+#define CHESS_X4_BYTES_PER_32 20
+size_t chess_x4_row_bytes(int64_t n_out);
+bool   chess_x4_ok(int64_t n_in, int64_t n_out); // both multiples of 32
+// the output length of a transposed weight whose tensor rows hold ne0 elements of `type`
+static inline int64_t chess_wt_n_out(enum ggml_type type, int64_t ne0) {
+    return type == CHESS_X4 ? ne0 / CHESS_X4_BYTES_PER_32 : ne0;
+}
+// the input length of a transposed weight whose tensor has ne1 rows
+static inline int64_t chess_wt_n_in(enum ggml_type type, int64_t ne1) {
+    return type == CHESS_X4 ? ne1 * 32 : ne1;
+}
+// a type chess_in_sparse reads (the x4 layout, or chess_type_supported)
+static inline bool chess_wt_supported(enum ggml_type type) {
+    return type == CHESS_X4 || chess_type_supported(type);
+}
+// the alignment of chess_in_sparse's column ranges (chess_thread_range's align)
+static inline int64_t chess_in_align(enum ggml_type type) {
+    return type == CHESS_X4 ? 32 : ggml_blck_size(type);
+}
+
 // Input-sparse mat-vec through a TRANSPOSED weight, output column range [j0, j1):
 //   active_i = v_i != 0 && |v_i| >= thr_i   (thr_i = thr[n_thr == 1 ? 0 : i]; thr NULL = no threshold)
 //   y_j = sum over active i of v_i * Wt[i, j]

@@ -101,6 +101,20 @@ static void * quantize_rows(enum ggml_type type, const float * src, int64_t nrow
 #define POOL_BLOCKS 64
 static void * make_weights(enum ggml_type type, int64_t nrows, int64_t ncols, size_t * nb1) {
     const int64_t bs = ggml_blck_size(type);
+    if (type == CHESS_X4) { // rows = input channels (a multiple of 32), ncols = outputs: random codes and pairs
+        *nb1 = chess_x4_row_bytes(ncols);
+        uint8_t * w = malloc(*nb1 * (nrows / 32));
+        for (int64_t g = 0; g < nrows / 32; g++) {
+            ggml_fp16_t * ab = (ggml_fp16_t *) (w + g * *nb1);
+            for (int64_t j = 0; j < ncols; j++) {
+                const float a = 0.02f * (0.25f + (float) rng_unif());
+                ab[j] = ggml_fp32_to_fp16(a);
+                ab[ncols + j] = ggml_fp32_to_fp16(-a * (float) (rng_u64() % 16));
+            }
+            for (size_t e = 4 * ncols; e < *nb1; e++) w[g * *nb1 + e] = (uint8_t) rng_u64();
+        }
+        return w;
+    }
     if (bs == 1) {
         float * wf = malloc(nrows * ncols * sizeof(float));
         for (int64_t i = 0; i < nrows; i++) {
@@ -235,7 +249,7 @@ static void * job_run(void * p) {
         chess_thread_range(j->n_rows_or_out, 1, j->ith, j->nth, &r0, &r1);
         j->ret = chess_up_sparse(j->w, j->type, j->nb1, j->n_in, j->gv, j->t, j->n_t, j->act, j->xq, j->out, r0, r1);
     } else {
-        chess_thread_range(j->n_rows_or_out, ggml_blck_size(j->type), j->ith, j->nth, &r0, &r1);
+        chess_thread_range(j->n_rows_or_out, chess_in_align(j->type), j->ith, j->nth, &r0, &r1);
         j->ret = chess_in_sparse(j->w, j->type, j->nb1, j->n_in, j->n_rows_or_out, j->gv, j->t, j->n_t, j->out, r0, r1);
     }
     return NULL;
@@ -347,10 +361,11 @@ static void test_up(enum ggml_type type) {
 }
 
 static void test_in(enum ggml_type type) {
-    const char * tname = ggml_type_name(type);
-    const int64_t bs = ggml_blck_size(type);
+    const bool x4 = type == CHESS_X4; // inputs in groups of 32
+    const char * tname = x4 ? "x4" : ggml_type_name(type);
+    const int64_t bs = chess_in_align(type);
     const int64_t big = ((2300 / bs) | 1) * bs;
-    const int64_t shapes[4][2] = { { 37, 3 * bs }, { 37, 7 * bs }, { 301, big }, { 5, bs } };
+    const int64_t shapes[4][2] = { { x4 ? 32 : 37, 3 * bs }, { x4 ? 96 : 37, 7 * bs }, { x4 ? 352 : 301, big }, { x4 ? 32 : 5, bs } };
     const int p0 = n_pass, f0 = n_fail;
     const double t0 = now_s();
     double worst = 0;
@@ -411,7 +426,7 @@ typedef struct {
 static void * rt_run(void * arg) {
     const rt_job * j = arg;
     int64_t r0, r1;
-    chess_thread_range(j->n_out, ggml_blck_size(j->type), j->ith, j->nth, &r0, &r1);
+    chess_thread_range(j->n_out, chess_in_align(j->type), j->ith, j->nth, &r0, &r1);
     chess_retranspose(j->wt, j->type, j->nb1, j->n_in, j->n_out, j->w, j->dtype, r0, r1);
     return NULL;
 }
@@ -419,15 +434,17 @@ static void * rt_run(void * arg) {
 // Each output row must be bit-identical to the output type's own quantizer run on the reference
 // row (Wt dequantized and transposed): the kernel only moves values, so there is no tolerance.
 static void test_retranspose(enum ggml_type type) {
-    const char * tname = ggml_type_name(type);
-    const int64_t bs = ggml_blck_size(type);
+    const bool x4 = type == CHESS_X4; // inputs in groups of 32
+    const char * tname = x4 ? "x4" : ggml_type_name(type);
+    const int64_t bs = chess_in_align(type);
     const int p0 = n_pass, f0 = n_fail;
     const enum ggml_type dtypes[2] = { GGML_TYPE_Q8_0, GGML_TYPE_F32 };
     for (int d = 0; d < 2; d++) {
         const enum ggml_type dt = dtypes[d];
         // n_in: multiples of the output block (odd for F32); n_out: whole blocks of the Wt type
-        const int64_t shapes[3][2] = { { dt == GGML_TYPE_F32 ? 37 : 32, 3 * bs }, { dt == GGML_TYPE_F32 ? 301 : 96, 7 * bs },
-                                       { dt == GGML_TYPE_F32 ? 2333 : 2336, ((700 / bs) | 1) * bs } };
+        const bool odd = dt == GGML_TYPE_F32 && !x4;
+        const int64_t shapes[3][2] = { { odd ? 37 : 32, 3 * bs }, { odd ? 301 : 96, 7 * bs },
+                                       { odd ? 2333 : 2336, ((700 / bs) | 1) * bs } };
         for (int s = 0; s < 3; s++) {
             const int64_t n_in = shapes[s][0], n_out = shapes[s][1];
             snprintf(g_shape, sizeof(g_shape), "%lldx%lld->%s", (long long) n_in, (long long) n_out, ggml_type_name(dt));
@@ -613,6 +630,11 @@ int main(int argc, char ** argv) {
             chess_kernels_force_generic(false);
         }
     }
+    test_in(CHESS_X4);
+    test_retranspose(CHESS_X4);
+    chess_kernels_force_generic(true);
+    test_in(CHESS_X4);
+    chess_kernels_force_generic(false);
     printf("nmse bounds: up %.0e (x as q8_1: %.0e) vs own-x ref, %.0e (f32: %.0e) vs float-x ref; in %.0e. took %.1f s\n",
            NMSE_UP_TIGHT, NMSE_UP_TIGHT1, NMSE_UP_QUANT, NMSE_UP_F32, NMSE_IN, now_s() - t0);
     if (bench) {

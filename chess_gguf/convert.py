@@ -15,7 +15,8 @@ from gguf import GGMLQuantizationType as QT, GGUFValueType as VT
 from . import __version__
 from . import gguf_io, x4
 from .calibrate import SUPPORTED_ARCHS, CalibStats, calibrate
-from .runtime import Model, quantize_rows
+from .evaluate import bos_tokens, window_nll
+from .runtime import Context, Model, quantize_rows
 from .thresholds import (RULES, channel_stat, check_levels, column_norms, error_curve, greedy_budget,
                          hist_chess_thresholds, hist_fraction_below, hist_scalar_thresholds, rule_weights)
 
@@ -60,7 +61,7 @@ class Options:
     ctx: int = 512
     threads: Optional[int] = None
     stat: str = "mean-abs"
-    rule: str = "chess"   # per-channel FFN threshold rule (thresholds.RULES); recorded in chess.rule
+    rule: str = "auto"    # per-channel FFN threshold rule (thresholds.RULES, or auto); recorded in chess.rule
     budget: bool = False  # per-layer FFN sparsity budget (same mean = the level); recorded in chess.budget
     budget_rows: int = 512
     budget_span: float = 0.2
@@ -149,6 +150,65 @@ def layer_budget(st: CalibStats, levels: Sequence[float], stat: str, rule: str, 
     return out
 
 
+# --rule auto: the candidates, and what decides between them (docs/results.md, "Beyond the paper")
+AUTO_RULES = ("chess", "wchess")
+AUTO_LEVELS = (0.5, 0.7)   # the levels scored (those stored; else the default level)
+AUTO_TOKENS = 2048         # held-out calibration tokens: windows of --ctx, second halves scored
+
+
+def threshold_tensors(thr: list[dict], attention: bool) -> list[tuple]:
+    out = []
+    for il, t in enumerate(thr):
+        out.append((f"blk.{il}.chess_ffn_tau", np.ascontiguousarray(t["ffn_tau"], dtype=np.float32), None))
+        out.append((f"blk.{il}.chess_ffn_cats", t["ffn_cats"].astype(np.float32), None))
+        if attention:
+            out.append((f"blk.{il}.chess_thr_q", t["attn_q"].astype(np.float32), None))
+            out.append((f"blk.{il}.chess_thr_o", t["attn_o"].astype(np.float32), None))
+    return out
+
+
+def held_out_nll(path: Path, windows: list[list[int]], levels: Sequence[float], threads: Optional[int]) -> float:
+    """Mean NLL per scored token of `windows` decoded with CHESS-FFN (masks on every token) at each
+    level of a converted file, averaged over the levels."""
+    model = Model(path)
+    try:
+        with Context(model, n_ctx=len(windows[0]), n_batch=len(windows[0]), n_threads=threads) as c:
+            per_level = []
+            for lv in levels:
+                c.chess_set("chess-ffn", f"{lv:g}", "masked")
+                nll = [window_nll(c, w) for w in windows]
+                per_level.append(sum(a for a, _ in nll) / sum(b for _, b in nll))
+    finally:
+        model.close()
+    return float(np.mean(per_level))
+
+
+def choose_rule(reader, out_p: Path, kv: dict, cands: dict[str, list[dict]], attention: bool, wts: list[tuple],
+                drop: set, windows: list[list[int]], levels: Sequence[float], threads: Optional[int]) -> dict[str, float]:
+    """Held-out NLL of each candidate rule's thresholds, through the runtime: the output written once to a
+    temporary file (the candidates differ only in chess_ffn_tau, rewritten in place between runs),
+    removed afterwards."""
+    from gguf import GGUFReader
+    tmp = out_p.with_name(f".{out_p.name}.rule-{os.getpid()}")
+    first = next(iter(cands.values()))
+    scores = {}
+    with gguf_io.sigterm_as_interrupt():
+        try:
+            gguf_io.write_with_extras(reader, tmp, kv, threshold_tensors(first, attention) + wts, progress=False, drop=drop)
+            rd = GGUFReader(tmp, "r+")
+            taus = {t.name: t for t in rd.tensors if t.name.endswith(".chess_ffn_tau")}
+            for rule, thr in cands.items():
+                for il, t in enumerate(thr):
+                    d = taus[f"blk.{il}.chess_ffn_tau"].data
+                    d[...] = np.asarray(t["ffn_tau"], dtype=np.float32).reshape(d.shape)
+                rd.data.flush()
+                scores[rule] = held_out_nll(tmp, windows, levels, threads)
+            del rd, taus
+        finally:
+            tmp.unlink(missing_ok=True)
+    return scores
+
+
 def calib_sparsity(st: CalibStats, thr: list[dict], levels: Sequence[float]) -> dict[str, np.ndarray]:
     """Realised sparsity per [level, layer] on the calibration text (from the histograms), per part."""
     res = {k: np.zeros((len(levels), len(thr))) for k in ("chess", "cats", "attn_q", "attn_o", "target")}
@@ -214,8 +274,8 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
         raise ValueError(f"--default-level {opt.default_level} is not one of --levels {levels}")
     if opt.stat not in ("mean-abs", "rms"):
         raise ValueError(f"--stat {opt.stat!r}: expected mean-abs or rms")
-    if opt.rule not in RULES:
-        raise ValueError(f"--rule {opt.rule!r}: expected one of {', '.join(RULES)}")
+    if opt.rule not in RULES + ("auto",):
+        raise ValueError(f"--rule {opt.rule!r}: expected one of {', '.join(RULES + ('auto',))}")
     if opt.layout not in LAYOUTS:
         raise ValueError(f"--layout {opt.layout!r}: expected one of {', '.join(LAYOUTS)}")
     if opt.layout == "compact" and not opt.attention:
@@ -237,7 +297,15 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
     text, text_sha = load_calib_text(opt.calib_files)
     model = Model(inp_p)
     act_kind = SUPPORTED_ARCHS[arch]  # arch checked above, from the file's metadata
-    tokens = model.tokenize(text, add_special=False)[: opt.calib_tokens]
+    all_tokens = model.tokenize(text, add_special=False)
+    tokens = all_tokens[: opt.calib_tokens]
+    # --rule auto scores the rules on the calibration text's continuation, never on the tokens the
+    # thresholds came from: windows of --ctx, the first token replaced by BOS as llama-perplexity does
+    held = all_tokens[opt.calib_tokens: opt.calib_tokens + AUTO_TOKENS]
+    windows = [held[i:i + opt.ctx] for i in range(0, len(held) - opt.ctx + 1, opt.ctx)]
+    bos = bos_tokens(model)
+    for w in windows:
+        w[:len(bos)] = bos
     if len(tokens) < opt.calib_tokens:
         print(f"note: calibration text has only {len(tokens)} tokens (asked for {opt.calib_tokens})", file=sys.stderr)
     st = calibrate(model, tokens, ctx=opt.ctx, threads=opt.threads, progress=opt.progress,
@@ -246,21 +314,21 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
     n_layer = model.n_layer
     model.close()
 
+    rules = AUTO_RULES if opt.rule == "auto" else (opt.rule,)
+    if opt.rule == "auto" and len(windows) < 2:
+        print(f"note: --rule auto needs {2 * opt.ctx} calibration tokens beyond --calib-tokens (has "
+              f"{len(held)}): using the paper's rule", file=sys.stderr)
+        rules = ("chess",)
     col = None
-    if opt.rule == "wchess":  # column norms of the original W_down (not of its requantized copy)
+    if "wchess" in rules:  # column norms of the original W_down (not of its requantized copy)
         col = [column_norms(gguf_io.tensor_f32(reader, f"blk.{il}.ffn_down.weight")) for il in range(n_layer)]
-    layer_levels = None
-    if opt.budget:
-        layer_levels = layer_budget(st, levels, opt.stat, opt.rule, col,
-                                    lambda il: gguf_io.tensor_f32(reader, f"blk.{il}.ffn_down.weight"), opt.budget_span)
-    thr = compute_thresholds(st, levels, opt.stat, opt.rule, col, layer_levels)
-    tensors = []
-    for il, t in enumerate(thr):
-        tensors.append((f"blk.{il}.chess_ffn_tau", np.ascontiguousarray(t["ffn_tau"], dtype=np.float32), None))
-        tensors.append((f"blk.{il}.chess_ffn_cats", t["ffn_cats"].astype(np.float32), None))
-        if opt.attention:
-            tensors.append((f"blk.{il}.chess_thr_q", t["attn_q"].astype(np.float32), None))
-            tensors.append((f"blk.{il}.chess_thr_o", t["attn_o"].astype(np.float32), None))
+    cands = {}
+    for rule in rules:
+        layer_levels = None
+        if opt.budget:
+            layer_levels = layer_budget(st, levels, opt.stat, rule, col,
+                                        lambda il: gguf_io.tensor_f32(reader, f"blk.{il}.ffn_down.weight"), opt.budget_span)
+        cands[rule] = compute_thresholds(st, levels, opt.stat, rule, col, layer_levels)
     wts = transposed_tensors(reader, n_layer, wt_type, opt.progress, opt.layout, exact=opt.wt_type in (None, "x4"))
     if not opt.attention:
         wts = [w for w in wts if w[0].endswith("chess_wt_down")]
@@ -278,7 +346,7 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
         "chess.levels": (levels, VT.ARRAY, VT.FLOAT32),
         "chess.default_level": (float(opt.default_level), VT.FLOAT32, None),
         "chess.stat": (opt.stat, VT.STRING, None),
-        "chess.rule": (opt.rule, VT.STRING, None),
+        "chess.rule": (next(iter(cands)), VT.STRING, None),
         "chess.budget": ("ffn-layer" if opt.budget else "uniform", VT.STRING, None),
         "chess.activation": (act_kind, VT.STRING, None),
         "chess.attention": (bool(opt.attention), VT.BOOL, None),
@@ -287,11 +355,24 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
         "chess.tool_version": (f"chess_gguf {__version__}", VT.STRING, None),
         "chess.layout": (opt.layout, VT.STRING, None),
     }
+    scores = None
+    if len(cands) > 1:
+        auto_levels = [lv for lv in levels if lv in AUTO_LEVELS] or [float(opt.default_level)]
+        if opt.progress:
+            print(f"choosing the rule ({', '.join(cands)}): held-out NLL of {len(windows)} windows at level(s) "
+                  f"{', '.join(f'{x:g}' for x in auto_levels)} ...", file=sys.stderr, flush=True)
+        scores = choose_rule(reader, out_p, kv, cands, opt.attention, wts, drop, windows, auto_levels, opt.threads)
+        if opt.progress:
+            print("  " + ", ".join(f"{r} {v:.4f}" for r, v in scores.items()), file=sys.stderr, flush=True)
+    rule = min(scores, key=scores.get) if scores else next(iter(cands))
+    kv["chess.rule"] = (rule, VT.STRING, None)
+    thr = cands[rule]
+    tensors = threshold_tensors(thr, opt.attention)
     gguf_io.write_with_extras(reader, out_p, kv, tensors + wts, progress=opt.progress, drop=drop)
     sp = calib_sparsity(st, thr, levels)
     size_in, size_out = inp_p.stat().st_size, out_p.stat().st_size
     return {
-        "output": str(out_p), "arch": arch, "rule": opt.rule, "budget": bool(opt.budget), "levels": levels, "layout": opt.layout, "n_tokens": st.n_tokens,
+        "output": str(out_p), "arch": arch, "rule": rule, "rule_scores": scores, "budget": bool(opt.budget), "levels": levels, "layout": opt.layout, "n_tokens": st.n_tokens,
         "seconds": time.perf_counter() - t0, "calib_seconds": t_calib,
         "size_in": size_in, "size_out": size_out, "sparsity": sp, "wt_types": sorted({"x4" if w[2] == QT.I8 else str(w[2].name if w[2] is not None else w[1].dtype) for w in wts}),
     }

@@ -123,7 +123,7 @@ def tensor_f32(reader: GGUFReader, name: str) -> np.ndarray:
 
 
 @contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM ends Python without unwinding; turn it into KeyboardInterrupt so cleanup runs."""
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
@@ -150,7 +150,7 @@ def write_with_extras(reader: GGUFReader, out: Path, kv: dict[str, tuple[Any, GG
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     arch = field_value(reader, "general.architecture")
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         try:
             w = GGUFWriter(str(tmp), arch=arch)
             for name, f in reader.fields.items():

@@ -30,6 +30,8 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType as VT
 from gguf.quants import dequantize, quantize
 
+from chess_gguf import x4
+
 REPO = Path(__file__).resolve().parent.parent
 SIMPLE = REPO / "build" / "cmake" / "bin" / "llama-simple"
 RUNTIME_TIMEOUT = 60  # s; a normal run takes ~0.4 s, so this only catches hangs on a busy machine
@@ -483,7 +485,8 @@ def generate(reader: GGUFReader, seed: int = 7) -> list[Mutant]:
         add(family="wrong-type", name=f"{name}: stored as {recipe} (rewritten)", tensors=((name, recipe),), names=(name,))
     for kind, ty in (("chess_wt_down", QT.Q4_0), ("chess_wt_q", QT.Q5_1), ("chess_wt_o", QT.Q8_0)):
         name = lay.tname(layer(), kind)
-        add(family="wrong-type", name=f"{name}: type q4_1 -> {ty.name.lower()} without requantizing (size changes)",
+        was = lay.tensors[name].tensor_type.name.lower()
+        add(family="wrong-type", name=f"{name}: type {was} -> {ty.name.lower()} without requantizing (size changes)",
             patches=((lay.ti[name]["type"], u32(ty)),))
     for kind, ty in zip(KINDS, (4, 5, 31, 43, 1000, 0xFFFFFFFF, 0x80000003)):
         name = lay.tname(layer(), kind)
@@ -610,7 +613,11 @@ def _recipe(name: str, t) -> tuple[np.ndarray, QT]:
         return np.array(t.data).reshape(-1, 1), QT.F32
     if name == "rows[:half]":
         return np.array(t.data[: t.data.shape[0] // 2]), t.tensor_type
-    x = dequantize(t.data, t.tensor_type).astype(np.float32).reshape(int(t.shape[1]), int(t.shape[0]))
+    if t.tensor_type == QT.I8:  # an x4 copy (chess_gguf/x4.py): the [n_in, n_out] weight it holds
+        n_out, n_in = int(t.shape[0]) // x4.BYTES_PER_32, int(t.shape[1]) * 32
+        x = np.ascontiguousarray(x4.to_float(t.data, n_out, n_in).T)
+    else:
+        x = dequantize(t.data, t.tensor_type).astype(np.float32).reshape(int(t.shape[1]), int(t.shape[0]))
     if name == "f16":
         return x.astype(np.float16), QT.F16
     if name in ("i8", "i32"):

@@ -142,3 +142,25 @@ def test_convert_rule_and_budget_end_to_end(smol_path, tmp_path):
     assert per_layer.max() - per_layer.min() > 0.1  # the budget moved layers apart
     r = run_cli("convert", smol_path, "-o", tmp_path / "x.gguf", "--rule", "teal", "-q")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_convert_rule_auto(smol_path, tmp_path):
+    """--rule auto (the default) scores chess and wchess on held-out calibration tokens through the runtime,
+    keeps the lower NLL, records it in chess.rule and leaves no temporary file; with no held-out text
+    it falls back to the paper's rule and says so."""
+    from gguf import GGUFReader
+    from chess_gguf.convert import Options, convert
+    from chess_gguf.data import default_calib_path
+    out = tmp_path / "a.chess.gguf"
+    res = convert(str(smol_path), str(out), Options(levels=(0.5,), calib_tokens=2048, attention=False,
+                                                    threads=2, progress=False))
+    sc = res["rule_scores"]
+    assert set(sc) == {"chess", "wchess"} and all(1.0 < v < 10.0 for v in sc.values()), sc  # NLL in nats
+    assert sc["chess"] != sc["wchess"]
+    assert res["rule"] == min(sc, key=sc.get) == GGUFReader(out).fields["chess.rule"].contents()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.chess.gguf"]
+    short = tmp_path / "short.txt"
+    short.write_text(default_calib_path().read_text(encoding="utf-8")[:20000], encoding="utf-8")  # ~4.5k tokens
+    res = convert(str(smol_path), str(tmp_path / "b.gguf"), Options(levels=(0.5,), calib_tokens=4096, calib_files=[str(short)],
+                                                                    attention=False, threads=2, progress=False))
+    assert res["rule"] == "chess" and res["rule_scores"] is None

@@ -73,7 +73,7 @@ static void in_op(struct ggml_tensor * dst, int ith, int nth, void * ud) {
     (void) ud;
     const struct ggml_tensor * v = dst->src[0], * wt = dst->src[1];
     int64_t j0, j1;
-    chess_thread_range(dst->ne[0], ggml_blck_size(wt->type), ith, nth, &j0, &j1);
+    chess_thread_range(dst->ne[0], chess_in_align(wt->type), ith, nth, &j0, &j1);
     chess_in_sparse(wt->data, wt->type, wt->nb[1], v->ne[0], dst->ne[0], (const float *) v->data, NULL, 0,
                     (float *) dst->data, j0, j1);
 }
@@ -209,7 +209,7 @@ static void bench_kernel(model_file * m, const kernel_spec * ks, int layer, floa
     const double d = median(td, reps) / nc, s = median(tsp, reps) / nc;
     printf("%s{\"name\": \"%s\", \"type\": \"%s\", \"sparse_type\": \"%s\", \"rows\": %lld, \"cols\": %lld, "
            "\"copies\": %d, \"route\": \"%s\", \"dense_us\": %.2f, \"sparse_us\": %.2f, \"speedup\": %.3f}",
-           first ? "" : ", ", ks->name, ggml_type_name(md->type), ggml_type_name(ms->type), (long long) n_out,
+           first ? "" : ", ", ks->name, ggml_type_name(md->type), ms->type == CHESS_X4 ? "x4" : ggml_type_name(ms->type), (long long) n_out,
            (long long) n_in, nc, ks->up ? "vec_dot" : chess_in_sparse_route(ms->type), d, s, d / s);
     fflush(stdout);
     free(td);

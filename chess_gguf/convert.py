@@ -194,7 +194,11 @@ def choose_rule(reader, out_p: Path, kv: dict, cands: dict[str, list[dict]], att
     scores = {}
     with gguf_io.sigterm_as_interrupt():
         try:
-            gguf_io.write_with_extras(reader, tmp, kv, threshold_tensors(first, attention) + wts, progress=False, drop=drop)
+            try:
+                gguf_io.write_with_extras(reader, tmp, kv, threshold_tensors(first, attention) + wts, progress=False,
+                                          drop=drop)
+            except ValueError as e:  # full disk and the like: name the output the user asked for
+                raise ValueError(f"{out_p}: choosing the rule: {e}") from None
             rd = GGUFReader(tmp, "r+")
             taus = {t.name: t for t in rd.tensors if t.name.endswith(".chess_ffn_tau")}
             for rule, thr in cands.items():

@@ -227,22 +227,22 @@ def forward_chess(model, tokens, thresholds, method: str, return_sparsity: bool 
 
 @contextlib.contextmanager
 def sparse_weights(model, chess_path: str):
-    """Swap in the weights the sparse path really multiplies with: the CHESS file's requantized
-    transposed copies of W_down, W_q, W_o (dequantized, transposed back). With them the reference
+    """Swap in the weights the sparse path really multiplies with: the CHESS file's transposed copies
+    of W_down, W_q, W_o (dequantized, transposed back: x4 copies give the original weights, requantized
+    ones their second rounding). With them the reference
     computes the same sparse model as the runtime, so an oracle compares like with like.
 
     transformers un-permutes llama's W_q rows (RoPE layout); the row order is recovered by matching
     the original GGUF rows, which transformers dequantizes bit-exactly.
     """
     from gguf import GGUFReader
-    from gguf.quants import dequantize
+
+    from chess_gguf.gguf_io import tensor_f32
 
     r = GGUFReader(str(chess_path))
-    tensors = {t.name: t for t in r.tensors}
 
     def f32(name):
-        t = tensors[name]
-        return np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(int(t.shape[1]), int(t.shape[0]))
+        return tensor_f32(r, name)
 
     saved = []
     try:

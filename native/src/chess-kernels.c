@@ -1964,27 +1964,15 @@ static void ch_in_x4(const char * w, size_t nb1, int64_t n_out, const int32_t * 
     }
 }
 
-static int64_t ch_in_x4_ref(const void * wt, size_t nb1, int64_t n_in, int64_t n_out, const float * v,
-                            const float * thr, int64_t n_thr, float * y, int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; j++) {
-        y[j] = 0.0f;
+// input channel i of an x4 weight as n_out floats, a*q + b: the layout's definition (references)
+static void ch_x4_row(const char * wt, size_t nb1, int64_t n_out, int64_t i, float * row) {
+    const char * r = wt + (size_t) (i / 32) * nb1;
+    const uint8_t * q = (const uint8_t *) r + 4 * n_out + (size_t) (i % 32) * (n_out / 2);
+    for (int64_t j = 0; j < n_out; j++) {
+        const int code = j % 32 < 16 ? q[j / 32 * 16 + j % 32] & 15 : q[j / 32 * 16 + j % 32 - 16] >> 4;
+        row[j] = ggml_fp16_to_fp32(((const ggml_fp16_t *) r)[j]) * (float) code +
+                 ggml_fp16_to_fp32(((const ggml_fp16_t *) r)[n_out + j]);
     }
-    int64_t na = 0;
-    for (int64_t i = 0; i < n_in; i++) {
-        const float vi = v[i];
-        if (!(vi != 0.0f && (!thr || fabsf(vi) >= ch_thr(thr, n_thr, i)))) {
-            continue;
-        }
-        na++;
-        const char * row = (const char *) wt + (size_t) (i / 32) * nb1;
-        const ggml_fp16_t * a = (const ggml_fp16_t *) row, * b = a + n_out;
-        const uint8_t * q = (const uint8_t *) row + 4 * n_out + (size_t) (i % 32) * (n_out / 2);
-        for (int64_t j = j0; j < j1; j++) {
-            const int code = j % 32 < 16 ? q[j / 32 * 16 + j % 32] & 15 : q[j / 32 * 16 + j % 32 - 16] >> 4;
-            y[j] += vi * (ggml_fp16_to_fp32(a[j]) * (float) code + ggml_fp16_to_fp32(b[j]));
-        }
-    }
-    return na;
 }
 
 const char * chess_in_sparse_route(enum ggml_type type) {
@@ -2028,9 +2016,6 @@ int64_t chess_in_sparse(const void * wt, enum ggml_type type, size_t nb1, int64_
 
 int64_t chess_in_sparse_ref(const void * wt, enum ggml_type type, size_t nb1, int64_t n_in, int64_t n_out,
                             const float * v, const float * thr, int64_t n_thr, float * y, int64_t j0, int64_t j1) {
-    if (type == CHESS_X4) {
-        return ch_in_x4_ref(wt, nb1, n_in, n_out, v, thr, n_thr, y, j0, j1);
-    }
     float * row = malloc((size_t) n_out * sizeof(float));
     for (int64_t j = j0; j < j1; j++) {
         y[j] = 0.0f;
@@ -2042,8 +2027,10 @@ int64_t chess_in_sparse_ref(const void * wt, enum ggml_type type, size_t nb1, in
             continue;
         }
         na++;
-        const void * src = (const char *) wt + (size_t) i * nb1;
-        if (type == GGML_TYPE_F32) {
+        const void * src = (const char *) wt + (size_t) (type == CHESS_X4 ? 0 : i) * nb1; // x4: rows of 32 inputs
+        if (type == CHESS_X4) {
+            ch_x4_row((const char *) wt, nb1, n_out, i, row);
+        } else if (type == GGML_TYPE_F32) {
             memcpy(row, src, (size_t) n_out * sizeof(float));
         } else {
             ggml_get_type_traits(type)->to_float(src, row, n_out); // whole row: simplest, it's a reference
@@ -2140,22 +2127,12 @@ void chess_retranspose(const void * wt, enum ggml_type type, size_t nb1, int64_t
 
 void chess_retranspose_ref(const void * wt, enum ggml_type type, size_t nb1, int64_t n_in, int64_t n_out,
                            float * w) {
-    if (type == CHESS_X4) { // w[j][i] = a*q + b, from the layout's definition
-        for (int64_t i = 0; i < n_in; i++) {
-            const char * r = (const char *) wt + (size_t) (i / 32) * nb1;
-            const uint8_t * q = (const uint8_t *) r + 4 * n_out + (size_t) (i % 32) * (n_out / 2);
-            for (int64_t j = 0; j < n_out; j++) {
-                const int code = j % 32 < 16 ? q[j / 32 * 16 + j % 32] & 15 : q[j / 32 * 16 + j % 32 - 16] >> 4;
-                w[j * n_in + i] = ggml_fp16_to_fp32(((const ggml_fp16_t *) r)[j]) * (float) code +
-                                  ggml_fp16_to_fp32(((const ggml_fp16_t *) r)[n_out + j]);
-            }
-        }
-        return;
-    }
     float * row = malloc((size_t) n_out * sizeof(float));
     for (int64_t i = 0; i < n_in; i++) {
-        const void * src = (const char *) wt + (size_t) i * nb1;
-        if (type == GGML_TYPE_F32) {
+        const void * src = (const char *) wt + (size_t) (type == CHESS_X4 ? 0 : i) * nb1; // x4: rows of 32 inputs
+        if (type == CHESS_X4) {
+            ch_x4_row((const char *) wt, nb1, n_out, i, row);
+        } else if (type == GGML_TYPE_F32) {
             memcpy(row, src, (size_t) n_out * sizeof(float));
         } else {
             ggml_get_type_traits(type)->to_float(src, row, n_out);

@@ -21,10 +21,10 @@ N_GEN=24
 # Sparse logits differ more between the builds: an activation that rounds to the other side of its
 # threshold drops or keeps a whole channel, and 30 layers compound it. With requantized copies the
 # largest gap was 0.43; with exact (x4) copies one replayed digit token sat 3.3 nats below the
-# aarch64 build's best (a near-tie on x86, margin 0.01) while the other 23 steps agreed closely:
-# the x4 kernel computes bit-identical results on both ISAs (same FMA order), the difference comes
-# from ggml's per-ISA dense ops, amplified by the thresholds. So sparse levels are judged on the
-# whole replay: mean gap <= 0.5 nats and at most a third of the replayed tokens off the replaying
+# aarch64 build's best (a near-tie on x86, margin 0.01) while the replay as a whole agreed (mean
+# gap 0.24): the x4 kernel runs the same FMA chain on both ISAs, the differences start in ggml's
+# per-ISA dense ops and the thresholds amplify them. So sparse levels are judged on the
+# whole replay: mean gap <= 0.5 nats and at most half of the replayed tokens off the replaying
 # build's top-1 (measured: mean 0.07 / 0.24, off top-1 7 / 5 of 24). A wrong kernel gives gaps of
 # nats at most steps. The kernels themselves match the scalar reference on both ISAs (above).
 GAP_MAX_off=0.25
@@ -111,8 +111,8 @@ if [ -n "$MODEL" ]; then
             rule="largest gap <= $GAP_MAX_off"
             awk -v a="$g1" -v b="$g2" -v m="$GAP_MAX_off" 'BEGIN {exit !(a <= m && b <= m)}' || { verdict=FAILED; fail=1; }
         else
-            rule="mean gap <= $MEAN_GAP_MAX_sparse, off top-1 <= $((N_GEN / 3))"
-            awk -v a="$m1" -v b="$m2" -v m="$MEAN_GAP_MAX_sparse" -v p="$o1" -v q="$o2" -v n=$((N_GEN / 3)) \
+            rule="mean gap <= $MEAN_GAP_MAX_sparse, off top-1 <= $((N_GEN / 2))"
+            awk -v a="$m1" -v b="$m2" -v m="$MEAN_GAP_MAX_sparse" -v p="$o1" -v q="$o2" -v n=$((N_GEN / 2)) \
                 'BEGIN {exit !(a <= m && b <= m && p <= n && q <= n)}' || { verdict=FAILED; fail=1; }
         fi
         echo "generation at CHESS_LEVEL=$level, $N_GEN tokens: $same equal to x86 in place; aarch64 tokens on x86:" \

@@ -558,16 +558,19 @@ def run_kernels(path: str | os.PathLike, *, levels: Sequence[str] | None = None,
 
 def print_kernels(res: dict, out=None) -> None:
     out = out or sys.stdout
-    print(f"{res['file']}: native kernels ({KERNEL_BIN}), {res['reps']} reps", file=out)
-    print(f"{'level':>5} {'keep':>5} {'thr':>3} {'layer':>5}  {'kernel':<14} {'type':<6} {'rows x cols':>13}  "
-          f"{'dense us':>9} {'sparse us':>9} {'speedup':>8}", file=out)
+    print(f"{res['file']}: native kernels ({KERNEL_BIN}), {res['reps']} reps; dense = ggml's mul_mat as the original "
+          f"model runs it; bytes = dense weight bytes / bytes the sparse kernel reads", file=out)
+    print(f"{'level':>5} {'keep':>5} {'thr':>3} {'layer':>5}  {'kernel':<9} {'type':<5} {'copy':<5} {'in x out':>11} "
+          f"{'route':<12} {'dense us':>9} {'sparse us':>9} {'speedup':>8} {'bytes':>6}", file=out)
     for run_ in res["kernels"]:
         for k in run_["kernels"]:
-            shape = f"{k.get('rows', '?')}x{k.get('cols', '?')}"
+            shape = f"{k.get('in', '?')}x{k.get('out', '?')}"
             keep = float(run_.get("keep", 1 - run_["level"]))
+            ratio = f"{float(k['byte_ratio']):.2f}x" if "byte_ratio" in k else "?"
             print(f"{run_['level']:>5g} {keep:>5.2f} {run_.get('threads', '?'):>3} {run_.get('layer', '?'):>5}  "
-                  f"{k.get('name', '?'):<14} {k.get('type', '?')!s:<6} {shape:>13}  {float(k['dense_us']):>9.1f} "
-                  f"{float(k['sparse_us']):>9.1f} {float(k['speedup']):>7.2f}x", file=out)
+                  f"{k.get('name', '?'):<9} {k.get('type', '?')!s:<5} {k.get('sparse_type', '?')!s:<5} {shape:>11} "
+                  f"{k.get('route', '?')!s:<12} {float(k['dense_us']):>9.1f} {float(k['sparse_us']):>9.1f} "
+                  f"{float(k['speedup']):>7.2f}x {ratio:>6}", file=out)
 
 
 # --- command ----------------------------------------------------------------------------------------

@@ -17,7 +17,9 @@ SRC=${1:-build/llama.cpp}
 MODEL=${2:-}
 X86_GREEDY=build/cmake/bin/chess-greedy
 N_GEN=24
-# Dense: the largest gap (nats) of a replayed token; measured on SmolLM2 (24 tokens each way) 0.08.
+# Dense: the largest gap (nats) of a replayed token <= 0.5 and the mean <= 0.05; measured on SmolLM2
+# (24 tokens each way) largest 0.08 on an AVX-512 host, 0.28 (mean 0.02) on an AVX2-only host, whose
+# ggml x86 dots differ from the AVX-512 ones (a near-tie token; dense runs no CHESS code).
 # Sparse logits differ more between the builds: an activation that rounds to the other side of its
 # threshold drops or keeps a whole channel, and 30 layers compound it. With requantized copies the
 # largest gap was 0.43; with exact (x4) copies one replayed digit token sat 3.3 nats below the
@@ -27,7 +29,8 @@ N_GEN=24
 # whole replay: mean gap <= 0.5 nats and at most half of the replayed tokens off the replaying
 # build's top-1 (measured: mean 0.07 / 0.24, off top-1 7 / 5 of 24). A wrong kernel gives gaps of
 # nats at most steps. The kernels themselves match the scalar reference on both ISAs (above).
-GAP_MAX_off=0.25
+GAP_MAX_off=0.5
+MEAN_GAP_MAX_off=0.05
 MEAN_GAP_MAX_sparse=0.5
 BLD=${ARM_BLD:-build/arm-cmake}
 ARCH=${ARM_ARCH:-armv8.2-a+dotprod}
@@ -108,8 +111,9 @@ if [ -n "$MODEL" ]; then
         o1=$(offtop <<<"$arm_on_x86"); o2=$(offtop <<<"$x86_on_arm")
         verdict=ok
         if [ $level = off ]; then
-            rule="largest gap <= $GAP_MAX_off"
-            awk -v a="$g1" -v b="$g2" -v m="$GAP_MAX_off" 'BEGIN {exit !(a <= m && b <= m)}' || { verdict=FAILED; fail=1; }
+            rule="largest gap <= $GAP_MAX_off, mean <= $MEAN_GAP_MAX_off"
+            awk -v a="$g1" -v b="$g2" -v m="$GAP_MAX_off" -v c="$m1" -v d="$m2" -v n="$MEAN_GAP_MAX_off" \
+                'BEGIN {exit !(a <= m && b <= m && c <= n && d <= n)}' || { verdict=FAILED; fail=1; }
         else
             rule="mean gap <= $MEAN_GAP_MAX_sparse, off top-1 <= $((N_GEN / 2))"
             awk -v a="$m1" -v b="$m2" -v m="$MEAN_GAP_MAX_sparse" -v p="$o1" -v q="$o2" -v n=$((N_GEN / 2)) \

@@ -11,7 +11,7 @@
 #    level 0.5: default method and dense prefill, CHESS_PREFILL=masked, CHESS_METHOD=cats; and the
 #    same model in the compact layout (third argument) dense and at 0.5.
 #    Leak detection is on; any UBSan report is fatal (halt_on_error).
-# 2. TSan: the kernel test and chess-kernels.c compiled with -fsanitize=thread into build/tsan,
+# 2. TSan: the kernel test and native/src/chess-kernels*.c compiled with -fsanitize=thread into build/tsan,
 #    linked against ggml-base/ggml-cpu of the normal build (build/cmake/bin: built by `make`).
 #    Every memory access of our kernels and of the test's threads is instrumented; ggml's own
 #    functions they call (vec_dot, from_float, to_float: pure functions of their arguments,
@@ -135,9 +135,14 @@ fi
 mkdir -p "$TBLD"
 t0=$(date +%s)
 tflags=(-std=gnu11 -O1 -g -fno-omit-frame-pointer -march=native -fsanitize=thread -I native/src -I "$gi")
-"${cc_launch[@]}" gcc "${tflags[@]}" -c native/src/chess-kernels.c -o "$TBLD/chess-kernels.o"
+kobjs=()
+for f in native/src/chess-kernels*.c; do
+    o="$TBLD/$(basename "${f%.c}").o"
+    "${cc_launch[@]}" gcc "${tflags[@]}" -c "$f" -o "$o"
+    kobjs+=("$o")
+done
 "${cc_launch[@]}" gcc "${tflags[@]}" -c native/tests/test-chess-kernels.c -o "$TBLD/test-chess-kernels.o"
-gcc -fsanitize=thread -o "$TBLD/test-chess-kernels" "$TBLD/test-chess-kernels.o" "$TBLD/chess-kernels.o" \
+gcc -fsanitize=thread -o "$TBLD/test-chess-kernels" "$TBLD/test-chess-kernels.o" "${kobjs[@]}" \
     -L "$LBLD/bin" -Wl,-rpath,"$(realpath "$LBLD/bin")" -lggml-cpu -lggml-base -lm -pthread
 echo "tsan build: $(( $(date +%s) - t0 )) s"
 run_kernel_test "test-chess-kernels (tsan)" "$TBLD/test-chess-kernels" "$TBLD/test-chess-kernels.log"

@@ -273,7 +273,7 @@ FAKE = """#!/bin/sh
 echo "$@" >> "$(dirname "$0")/calls"
 echo "progress" >&2
 keep=$3; threads=$5
-k='{"name": "ffn_up", "type": "q4_1", "rows": 8, "cols": 4, "dense_us": 2.0, "sparse_us": 1.0, "speedup": 2.0}'
+k='{"name": "ffn_up", "type": "q4_1", "in": 4, "out": 8, "route": "avx2-q4_1", "dense_us": 2.0, "sparse_us": 1.0, "speedup": 2.0, "byte_ratio": 2.0}'
 echo '{"threads": '$threads', "keep": '$keep', "kernels": ['"$k"']}'
 """
 
@@ -314,5 +314,5 @@ def test_kernels_real_binary(chess_file):
     assert (run["level"], run["threads"]) == (0.5, 1) and run["keep"] == pytest.approx(0.5)
     assert {k["name"] for k in run["kernels"]} >= {"ffn_up", "ffn_down"}
     for k in run["kernels"]:
-        assert k["dense_us"] > 0 and k["sparse_us"] > 0 and k["rows"] > 0 and k["cols"] > 0
+        assert k["dense_us"] > 0 and k["sparse_us"] > 0 and k["in"] > 0 and k["out"] > 0 and k["route"]
         assert k["speedup"] == pytest.approx(k["dense_us"] / k["sparse_us"], rel=0.02)

@@ -83,12 +83,19 @@ static inline int64_t chess_in_align(enum ggml_type type) {
 
 // Input-sparse mat-vec through a TRANSPOSED weight, output column range [j0, j1):
 //   active_i = v_i != 0 && |v_i| >= thr_i   (thr_i = thr[n_thr == 1 ? 0 : i]; thr NULL = no threshold)
-//   y_j = sum over active i of v_i * Wt[i, j]
+//   y_j = sum over active i of v_i * Wt[i, j]   (x4: v quantized to 8 bits, see chess_in_sparse_input)
 // wt: n_in rows of n_out elements of `type` (row i = input channel i), row stride nb1 bytes.
 // j0, j1: multiples of ggml_blck_size(type), except j1 == n_out.
 // Returns the number of active inputs over all of [0, n_in) (the same for every range).
 int64_t chess_in_sparse(const void * wt, enum ggml_type type, size_t nb1, int64_t n_in, int64_t n_out,
                         const float * v, const float * thr, int64_t n_thr, float * y, int64_t j0, int64_t j1);
+
+// The input vector chess_in_sparse really multiplies with for `type`: the active inputs of v (0
+// elsewhere); for CHESS_X4, whose kernels take 8-bit activations, each group of 32 inputs quantized
+// to int8 with one scale (max |v_i| / 127, rounding to nearest even). For tests: chess_in_sparse_ref
+// on it matches the kernels to float rounding.
+void chess_in_sparse_input(enum ggml_type type, const float * v, const float * thr, int64_t n_thr, int64_t n_in,
+                           float * v_eff);
 
 // Compact layout (the file holds only Wt): rows [j0, j1) of the original-orientation W = Wt^T,
 // written in `dtype` (n_in elements per row, row stride ggml_row_size(dtype, n_in)), so ggml's dense

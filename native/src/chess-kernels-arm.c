@@ -1,5 +1,5 @@
 // aarch64 NEON fast routes of the CHESS kernels (SDOT in the up kernels when the target has
-// __ARM_FEATURE_DOTPROD): the same schemes and thread ownership as chess-kernels-x86.c, so results
+// __ARM_FEATURE_DOTPROD): the same schemes and thread ownership as the x86 files, so results
 // are deterministic for any thread count. Dispatch is in chess-kernels.c.
 #include "chess-kernels-impl.h"
 

@@ -1,5 +1,5 @@
 // Internal header of the CHESS kernels (not installed): what chess-kernels.c (dispatch, generic
-// routes), chess-kernels-ref.c (scalar references), chess-kernels-x86.c (AVX2) and
+// routes), chess-kernels-ref.c (scalar references), chess-kernels-x86-{up,in}.c (AVX2) and
 // chess-kernels-arm.c (NEON) share. Names here are internal (hidden in the shared library).
 #pragma once
 
@@ -137,7 +137,7 @@ typedef void (*ch_x4_fn)(const char * w, size_t nb1, int64_t n_out, const ch_x4_
 CH_HIDDEN void ch_x4_generic(const char * w, size_t nb1, int64_t n_out, const ch_x4_plan * pl, float * y,
                              int64_t j0, int64_t j1);
 
-// Per ISA (chess-kernels-x86.c, chess-kernels-arm.c; none in a portable build): the fast routes,
+// Per ISA (chess-kernels-x86-{up,in}.c, chess-kernels-arm.c; none in a portable build): the fast routes,
 // NULL where there is none, *name set either way when non-NULL is returned.
 CH_HIDDEN ch_up_fn ch_up_route_isa(enum ggml_type type, const char ** name);
 CH_HIDDEN ch_in_fn ch_in_route_isa(enum ggml_type type, const char ** name);

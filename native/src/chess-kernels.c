@@ -1,5 +1,5 @@
 // CHESS sparse mat-vec kernels: the public entry points (chess-kernels.h), dispatch to the fast
-// routes of chess-kernels-x86.c / chess-kernels-arm.c, the generic routes that run any type (and
+// routes of chess-kernels-x86-{up,in}.c / chess-kernels-arm.c, the generic routes that run any type (and
 // every type in a portable build), the x4 plan, and the re-transposition of the compact layout.
 // The scalar references are in chess-kernels-ref.c.
 #include "chess-kernels-impl.h"

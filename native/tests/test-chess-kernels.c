@@ -61,9 +61,9 @@ static double now_s(void) {
 static double nmse(const float * a, const float * ref, int64_t n) {
     double num = 0, den = 0;
     for (int64_t i = 0; i < n; i++) {
-        const double d = (double) a[i] - ref[i];
+        const double d = (double) a[i] - (double) ref[i];
         num += d * d;
-        den += (double) ref[i] * ref[i];
+        den += (double) ref[i] * (double) ref[i];
     }
     if (den == 0) {
         return num == 0 ? 0 : INFINITY;

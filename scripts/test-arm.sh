@@ -79,7 +79,10 @@ for t in test-chess-kernels test-chess-kernels-armv8; do
     variant=$ARCH
     [ "$t" = test-chess-kernels-armv8 ] && variant=armv8-a
     echo "== $t (kernels built for $variant), under qemu-aarch64"
-    out=$(qemu-aarch64 -L $SYSROOT "$BLD/bin/$t") || true
+    # the armv8-a build differs from the dotprod one only in the fast routes: test those there
+    args=()
+    [ "$t" = test-chess-kernels-armv8 ] && args=(fast)
+    out=$(qemu-aarch64 -L $SYSROOT "$BLD/bin/$t" "${args[@]}") || true
     # the routes of the types with a fast path, the failures, and the summary line
     grep -E "^(up|in) .* (neon|dotprod|sve)-|FAIL" <<<"$out" | grep -v "^skip" || true
     last=$(tail -1 <<<"$out")

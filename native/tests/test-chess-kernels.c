@@ -3,6 +3,8 @@
 //   test-chess-kernels            run the tests, last line "N passed, M failed"
 //   test-chess-kernels all        also the types whose quantizer init takes seconds (IQ2_S, IQ1_M)
 //   test-chess-kernels bench      also time the kernels against dense vec_dot (1 thread)
+//   test-chess-kernels fast       only the types with a fast route (and their generic routes): the
+//                                 second ARM build (make test-arm), whose other routes are the same code
 #define _POSIX_C_SOURCE 200809L // clock_gettime under -std=c11
 #include "chess-kernels.h"
 #include "ggml-cpu.h"
@@ -620,10 +622,13 @@ static void bench_type(enum ggml_type type, int64_t n_embd, int64_t n_ff) {
 }
 
 int main(int argc, char ** argv) {
-    bool all = false, bench = false;
+    // all: also the types whose quantizer init takes seconds; fast: only the types with a fast
+    // route (and their generic routes), for a second build whose other routes are the same code
+    bool all = false, bench = false, fast_only = false;
     for (int i = 1; i < argc; i++) {
-        all   = all   || strcmp(argv[i], "all") == 0;
-        bench = bench || strcmp(argv[i], "bench") == 0;
+        all       = all       || strcmp(argv[i], "all") == 0;
+        bench     = bench     || strcmp(argv[i], "bench") == 0;
+        fast_only = fast_only || strcmp(argv[i], "fast") == 0;
     }
     ggml_cpu_init();
     const double t0 = now_s();
@@ -647,12 +652,16 @@ int main(int argc, char ** argv) {
             printf("skip %-8s: quantizer init takes seconds (run with 'all')\n", tt->type_name);
             continue;
         }
+        const bool fast_up = strcmp(chess_up_sparse_route(type), "vec_dot") != 0;
+        const bool fast_in = strcmp(chess_in_sparse_route(type), "generic") != 0;
+        if (fast_only && !fast_up && !fast_in) {
+            printf("skip %-8s: no fast route ('fast')\n", tt->type_name);
+            continue;
+        }
         test_up(type);
         test_in(type);
         test_retranspose(type);
         // the generic routes must stay correct too
-        const bool fast_up = strcmp(chess_up_sparse_route(type), "vec_dot") != 0;
-        const bool fast_in = strcmp(chess_in_sparse_route(type), "generic") != 0;
         if (fast_up || fast_in) {
             chess_kernels_force_generic(true);
             if (fast_up) test_up(type);

@@ -99,14 +99,15 @@ test-native: native
 	  case "$$r" in *" 0 failed") ;; *) exit 1;; esac; fi; done
 
 # A small converted SmolLM2 (4096 calibration tokens, level 0.5) for test-arm and test-sanitize
-# (and the same in the compact layout for test-sanitize).
+# (and the same in the compact layout for test-sanitize). --rule chess: the rule `auto` picks for
+# SmolLM2, without its held-out decode (these files exercise code paths, not quality).
 SAN_SMOL  := models/SmolLM2-135M-Instruct.Q4_1.gguf
 SAN_MODEL := build/sanitize/SmolLM2-135M-Instruct.Q4_1.chess.gguf
 SAN_COMPACT := build/sanitize/SmolLM2-135M-Instruct.Q4_1.compact.chess.gguf
 $(SAN_MODEL) $(SAN_COMPACT):
 	$(MAKE) --no-print-directory native venv models data
 	@mkdir -p $(@D)
-	$(VPY) -m chess_gguf convert $(SAN_SMOL) -o $@ --calib-tokens 4096 --levels 0.5 --threads 2 -q \
+	$(VPY) -m chess_gguf convert $(SAN_SMOL) -o $@ --calib-tokens 4096 --levels 0.5 --rule chess --threads 2 -q \
 	    $(if $(findstring compact,$@),--layout compact)
 
 # aarch64: the kernel tests cross-built (NEON with and without SDOT) and run under qemu-user, and a

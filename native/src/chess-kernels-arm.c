@@ -11,16 +11,16 @@
 // ---- NEON (aarch64) multi-row integer dot: the AVX2 up kernels above, on ARM ------------------
 // Same scheme: CH_UP_ROWS rows per pass share each x block (Q8_0 / Q8_1 / Q8_K as ggml prepares
 // it), one float accumulator vector per row, one horizontal sum per row at the end. The weight
-// levels are made signed in the bytes (Q4_0 - 8, Q5_0 - 16, Q6_K - 32; Q4_1/Q5_1/Q4_K levels are
+// levels are made signed in the bytes (Q4_0 - 8, Q5_0 - 16, Q6_K - 32; Q4_1/Q5_1/Q4_K/Q5_K levels are
 // valid s8 as they are) and multiplied by x's s8 with SDOT when the target has it
 // (armv8.2-a+dotprod), else with widening multiplies + pairwise adds: exact in int32 either way
 // (the two group the products into lanes differently, so their float results may differ in the
-// last bits). Q4_1/Q5_1's min goes through Q8_1's stored d*sum(x), Q4_K's mins through Q8_K's
+// last bits). Q4_1/Q5_1's min goes through Q8_1's stored d*sum(x), Q4_K/Q5_K mins through Q8_K's
 // per-16 sums, as on x86.
 #define CH_UP_ROWS 4
 
 enum { CH_NQ8_0, CH_NQ4_0, CH_NQ4_1, CH_NQ5_0, CH_NQ5_1 };
-enum { CH_NQ4_K = 8, CH_NQ6_K };
+enum { CH_NQ4_K = 8, CH_NQ6_K, CH_NQ5_K };
 
 // acc + the 4 int32 partial sums of a[e] * b[e] (16 s8 each)
 static inline int32x4_t ch_neon_dot16(int32x4_t acc, int8x16_t a, int8x16_t b) {
@@ -117,8 +117,9 @@ static inline void ch_neon_q4k_scale_min(const uint8_t * q, int j, int * sc, int
 static inline void ch_neon_k_levels(int kind, const uint8_t * sb, int s, int8x16_t * lo, int8x16_t * hi) {
     const uint8x16_t m4 = vdupq_n_u8(0x0F);
     uint8x16_t l, h;
-    if (kind == CH_NQ4_K) {
-        const uint8_t * q = sb + 16 + 32 * (s / 2); // qs after d, dmin, scales[12]
+    if (kind == CH_NQ4_K || kind == CH_NQ5_K) {
+        // qs after d, dmin, scales[12] (Q5_K: and qh[32], whose bit s is the 5th bit of sub-block s)
+        const uint8_t * q = sb + (kind == CH_NQ4_K ? 16 : 48) + 32 * (s / 2);
         l = vld1q_u8(q);
         h = vld1q_u8(q + 16);
         if (s & 1) {
@@ -127,6 +128,12 @@ static inline void ch_neon_k_levels(int kind, const uint8_t * sb, int s, int8x16
         } else {
             l = vandq_u8(l, m4);
             h = vandq_u8(h, m4);
+        }
+        if (kind == CH_NQ5_K) {
+            const int8x16_t sh = vdupq_n_s8((int8_t) (4 - s)); // bit s of qh -> bit 4
+            const uint8x16_t m10 = vdupq_n_u8(0x10);
+            l = vorrq_u8(l, vandq_u8(vshlq_u8(vld1q_u8(sb + 16), sh), m10));
+            h = vorrq_u8(h, vandq_u8(vshlq_u8(vld1q_u8(sb + 32), sh), m10));
         }
         *lo = vreinterpretq_s8_u8(l);
         *hi = vreinterpretq_s8_u8(h);
@@ -153,7 +160,7 @@ static inline void ch_neon_k_levels(int kind, const uint8_t * sb, int s, int8x16
 }
 
 // K-quants: per row and super-block, sum_k sc_k * dot_k accumulated in int32 (|sum| < 2^25),
-// scaled once by d * d_x; Q4_K's mins from Q8_K's bsums.
+// scaled once by d * d_x; Q4_K/Q5_K mins from Q8_K's bsums.
 static inline __attribute__((always_inline)) void ch_up_rows_k_neon(const int kind, const int NR,
         const uint8_t * const * rows, size_t ts, const uint8_t * xq, int64_t nsb, float * sums) {
     float32x4_t acc[CH_UP_ROWS];
@@ -174,7 +181,7 @@ static inline __attribute__((always_inline)) void ch_up_rows_k_neon(const int ki
             int32x4_t isum = z;
             int8x16_t lo, hi;
             float d;
-            if (kind == CH_NQ4_K) {
+            if (kind == CH_NQ4_K || kind == CH_NQ5_K) {
                 int ioff = 0;
                 for (int j = 0; j < 8; j++) {
                     int sc, m;
@@ -209,9 +216,10 @@ static inline __attribute__((always_inline)) void ch_up_rows_k_neon(const int ki
 static inline __attribute__((always_inline)) void ch_up_neon_kind(const int kind, const char * w, size_t nb1,
         int64_t n_in, const int32_t * kept, int64_t nk, const void * xq_, float * s) {
     const uint8_t * xq = (const uint8_t *) xq_;
-    const bool kq = kind == CH_NQ4_K || kind == CH_NQ6_K;
+    const bool kq = kind == CH_NQ4_K || kind == CH_NQ5_K || kind == CH_NQ6_K;
     const size_t ts = kind == CH_NQ8_0 ? 34 : kind == CH_NQ4_0 ? 18 : kind == CH_NQ4_1 ? 20 :
-                      kind == CH_NQ5_0 ? 22 : kind == CH_NQ5_1 ? 24 : kind == CH_NQ4_K ? 144 : 210;
+                      kind == CH_NQ5_0 ? 22 : kind == CH_NQ5_1 ? 24 : kind == CH_NQ4_K ? 144 :
+                      kind == CH_NQ5_K ? 176 : 210;
     const bool x1 = kind == CH_NQ4_1 || kind == CH_NQ5_1; // x in Q8_1 (36-byte blocks with s)
     const size_t xs_bytes = x1 ? 36 : 34;
     const int64_t nb = n_in / (kq ? 256 : 32);
@@ -263,6 +271,7 @@ CH_DEF_UP(ch_up_neon_q4_1, CH_NQ4_1)
 CH_DEF_UP(ch_up_neon_q5_0, CH_NQ5_0)
 CH_DEF_UP(ch_up_neon_q5_1, CH_NQ5_1)
 CH_DEF_UP(ch_up_neon_q4_k, CH_NQ4_K)
+CH_DEF_UP(ch_up_neon_q5_k, CH_NQ5_K)
 CH_DEF_UP(ch_up_neon_q6_k, CH_NQ6_K)
 #undef CH_DEF_UP
 
@@ -681,6 +690,7 @@ ch_up_fn ch_up_route_isa(enum ggml_type type, const char ** name) {
         case GGML_TYPE_Q5_0: *name = CH_NUPNAME("q5_0"); return ch_up_neon_q5_0;
         case GGML_TYPE_Q5_1: *name = CH_NUPNAME("q5_1"); return ch_up_neon_q5_1;
         case GGML_TYPE_Q4_K: *name = CH_NUPNAME("q4_K"); return ch_up_neon_q4_k;
+        case GGML_TYPE_Q5_K: *name = CH_NUPNAME("q5_K"); return ch_up_neon_q5_k;
         case GGML_TYPE_Q6_K: *name = CH_NUPNAME("q6_K"); return ch_up_neon_q6_k;
         default: return NULL;
     }

@@ -1,5 +1,6 @@
 #include "chess-graph.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -25,6 +26,16 @@ chess_state::chess_state(std::vector<float> lv, float def, std::vector<chess_lay
             level = (int) i;
         }
     }
+    int64_t n_out_max = 0;
+    for (const chess_layer & L : layers) {
+        for (const ggml_tensor * wt : { L.wt_down, L.wt_q, L.wt_o }) {
+            if (wt) {
+                n_out_max = std::max(n_out_max, chess_wt_n_out(wt->type, wt->ne[0]));
+            }
+        }
+    }
+    in_part.resize((size_t) (CHESS_IN_MAX_PIECES - 1) * (size_t) n_out_max);
+    in_shared.part = in_part.data();
 }
 
 void chess_state::reset_stats() {
@@ -152,14 +163,23 @@ static void chess_in_op(ggml_tensor * dst, int ith, int nth, void * ud) {
     const auto * p = (const chess_op_params *) ud;
     const ggml_tensor * v = dst->src[0], * wt = dst->src[1], * thr = dst->src[2];
     const int64_t n_in = v->ne[0], n_out = dst->ne[0], n_tok = dst->ne[1];
+    const float * th = thr ? (const float *) thr->data : nullptr;
+    uint64_t active = 0;
+    if (n_tok == 1) { // decode: every thread reads whole rows
+        active = chess_in_sparse_mt(wt->data, wt->type, wt->nb[1], n_in, n_out, (const float *) v->data, th,
+                                    thr ? thr->ne[0] : 0, (float *) dst->data, &p->st->in_shared, nth);
+        if (ith == 0) {
+            count(p, active, (uint64_t) n_in);
+        }
+        return;
+    }
+    // a few tokens (compact layout, masked prefill): each thread its columns of every token
     int64_t j0, j1;
     chess_thread_range(n_out, chess_in_align(wt->type), ith, nth, &j0, &j1);
-    uint64_t active = 0;
     for (int64_t t = 0; t < n_tok; ++t) {
         active += chess_in_sparse(wt->data, wt->type, wt->nb[1], n_in, n_out,
                                   (const float *) ((const char *) v->data + t * v->nb[1]),
-                                  thr ? (const float *) thr->data : nullptr, thr ? thr->ne[0] : 0,
-                                  (float *) ((char *) dst->data + t * dst->nb[1]), j0, j1);
+                                  th, thr ? thr->ne[0] : 0, (float *) ((char *) dst->data + t * dst->nb[1]), j0, j1);
     }
     if (ith == 0) { // every thread sees the same active count
         count(p, active, (uint64_t) (n_in * n_tok));

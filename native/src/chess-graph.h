@@ -55,6 +55,10 @@ struct chess_state {
     std::unique_ptr<std::atomic<uint64_t>[]> total;  // [n_layer * CHESS_N_PARTS]
     std::atomic<uint64_t> n_tokens{0};               // tokens that went through a sparse FFN
     std::vector<chess_op_params> params;             // [n_layer * (CHESS_N_PARTS + 1)]
+    // single-token input-sparse products on all threads (chess_in_sparse_mt): the ops of a graph run
+    // one after another, so one shared block serves them all
+    chess_in_shared    in_shared{};
+    std::vector<float> in_part;                      // (CHESS_IN_MAX_PIECES - 1) * the widest n_out
 
     chess_state(std::vector<float> levels, float default_level, std::vector<chess_layer> layers);
 

@@ -369,6 +369,84 @@ int64_t chess_in_sparse(const void * wt, enum ggml_type type, size_t nb1, int64_
     return na;
 }
 
+// ---- one token on all threads: pieces of the input, partial products, ordered sum ------------------
+// Each piece must read enough weight bytes (>= 32x its partial row of n_out floats) that writing and
+// summing the partials stays a small cost next to the weight stream. Piece boundaries depend only on
+// the input, and the pieces are summed in order by one thread, so y is the same for any thread count.
+
+static inline int32_t ch_atomic_add(int32_t * p, int32_t v) { // returns the new value
+#if defined(_MSC_VER) && !defined(__clang__)
+    return _InterlockedExchangeAdd((volatile long *) p, v) + v;
+#else
+    return __atomic_add_fetch(p, v, __ATOMIC_ACQ_REL);
+#endif
+}
+
+static int64_t ch_n_pieces(int64_t units, int64_t min_units) {
+    const int64_t n = units / (min_units > 0 ? min_units : 1);
+    return n < 1 ? 1 : n > CHESS_IN_MAX_PIECES ? CHESS_IN_MAX_PIECES : n;
+}
+
+// start of piece k of np over `units`, rounded to `align` units (the last piece ends at `units`)
+static int64_t ch_piece_start(int64_t k, int64_t np, int64_t units, int64_t align) {
+    if (k >= np) {
+        return units;
+    }
+    const int64_t u = (k * units / np + align - 1) / align * align;
+    return u < units ? u : units;
+}
+
+int64_t chess_in_sparse_mt(const void * wt, enum ggml_type type, size_t nb1, int64_t n_in, int64_t n_out,
+                           const float * v, const float * thr, int64_t n_thr, float * y, chess_in_shared * sh, int nth) {
+    const char * name;
+    const bool x4 = type == CHESS_X4;
+    ch_x4_plan pl = { 0 };
+    int32_t * idx = NULL;
+    float   * c   = NULL;
+    int64_t na, units, np;
+    ch_in_fn fast = NULL;
+    if (x4) {
+        pl = ch_x4_prepare(v, thr, n_thr, n_in);
+        na = pl.na;
+        units = pl.ng;
+        np = ch_n_pieces(units, 8); // a group reads 20 bytes per column
+    } else {
+        na = ch_active(v, thr, n_thr, n_in, &idx, &c);
+        units = na;
+        const double row_bytes = (double) ggml_row_size(type, n_out);
+        np = ch_n_pieces(units, (int64_t) ceil(128.0 * (double) n_out / row_bytes));
+        fast = ch_in_route(type, &name);
+    }
+    for (;;) {
+        const int64_t k = ch_atomic_add(&sh->next, 1) - 1;
+        if (k >= np) {
+            break;
+        }
+        float * out = k == 0 ? y : sh->part + (size_t) (k - 1) * (size_t) n_out;
+        const int64_t align = x4 ? 1 : 4; // rows in the routes' groups of 4
+        const int64_t u0 = ch_piece_start(k, np, units, align), u1 = ch_piece_start(k + 1, np, units, align);
+        if (x4) {
+            const ch_x4_plan sub = { pl.grp + u0, pl.pair, u1 - u0, na };
+            ch_x4_route(&name)((const char *) wt, nb1, n_out, &sub, out, 0, n_out);
+        } else if (fast) {
+            fast((const char *) wt, nb1, ggml_type_size(type), idx + u0, c + u0, u1 - u0, out, 0, n_out);
+        } else {
+            ch_in_generic((const char *) wt, type, nb1, idx + u0, c + u0, u1 - u0, out, 0, n_out);
+        }
+    }
+    if (ch_atomic_add(&sh->done, 1) == nth) { // the last thread: every piece is written
+        for (int64_t k = 1; k < np; k++) {
+            const float * p = sh->part + (size_t) (k - 1) * (size_t) n_out;
+            for (int64_t j = 0; j < n_out; j++) {
+                y[j] += p[j];
+            }
+        }
+        sh->next = 0;
+        sh->done = 0;
+    }
+    return na;
+}
+
 // ---------------------------------------------------------------------------------------------
 // x4: exact transposed 4-bit weights (chess_gguf/x4.py, docs/format.md). One I8 row per group g of
 // 32 input channels: a f16[n_out] | b f16[n_out] | 32 x n_out/2 bytes of codes (per 32 outputs 16

@@ -90,6 +90,21 @@ static inline int64_t chess_in_align(enum ggml_type type) {
 int64_t chess_in_sparse(const void * wt, enum ggml_type type, size_t nb1, int64_t n_in, int64_t n_out,
                         const float * v, const float * thr, int64_t n_thr, float * y, int64_t j0, int64_t j1);
 
+// One token on all nth threads of an op, each reading whole rows of Wt (splitting the columns
+// gives each thread short pieces of every row: slow on narrow outputs). The active inputs are cut
+// into at most CHESS_IN_MAX_PIECES pieces by the input alone; threads take pieces from sh->next,
+// piece 0 goes to y and piece k to sh->part + (k-1) * n_out, and the last thread to finish adds the
+// pieces to y in order: y is bit-identical for any thread count (but not to chess_in_sparse's).
+// Every one of the nth threads must call it once with the same arguments; *sh starts zeroed and is
+// zeroed again when the product is complete (reuse it for the next product after a barrier).
+#define CHESS_IN_MAX_PIECES 16
+typedef struct {
+    int32_t next, done; // updated atomically
+    float * part;       // (CHESS_IN_MAX_PIECES - 1) * n_out floats
+} chess_in_shared;
+int64_t chess_in_sparse_mt(const void * wt, enum ggml_type type, size_t nb1, int64_t n_in, int64_t n_out,
+                           const float * v, const float * thr, int64_t n_thr, float * y, chess_in_shared * sh, int nth);
+
 // The input vector chess_in_sparse really multiplies with for `type`: the active inputs of v (0
 // elsewhere); for CHESS_X4, whose kernels take 8-bit activations, each group of 32 inputs quantized
 // to int8 with one scale (max |v_i| / 127, rounding to nearest even). For tests: chess_in_sparse_ref

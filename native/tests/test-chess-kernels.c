@@ -245,6 +245,7 @@ typedef struct {
     const void * xq; float * out;
     int ith, nth;
     int64_t ret;
+    chess_in_shared * sh; // is_up == 2: chess_in_sparse_mt on all threads
 } job;
 
 static void * job_run(void * p) {
@@ -253,6 +254,8 @@ static void * job_run(void * p) {
     if (j->is_up == 1) {
         chess_thread_range(j->n_rows_or_out, 1, j->ith, j->nth, &r0, &r1);
         j->ret = chess_up_sparse(j->w, j->type, j->nb1, j->n_in, j->gv, j->t, j->n_t, j->act, j->xq, j->out, r0, r1);
+    } else if (j->is_up == 2) {
+        j->ret = chess_in_sparse_mt(j->w, j->type, j->nb1, j->n_in, j->n_rows_or_out, j->gv, j->t, j->n_t, j->out, j->sh, j->nth);
     } else {
         chess_thread_range(j->n_rows_or_out, chess_in_align(j->type), j->ith, j->nth, &r0, &r1);
         j->ret = chess_in_sparse(j->w, j->type, j->nb1, j->n_in, j->n_rows_or_out, j->gv, j->t, j->n_t, j->out, r0, r1);
@@ -273,7 +276,7 @@ static int64_t run_threads(job proto, int nth) {
     int64_t r = 0;
     for (int i = 0; i < nth; i++) {
         pthread_join(th[i], NULL);
-        if (proto.is_up) {
+        if (proto.is_up == 1) {
             r += jobs[i].ret;
         } else if (i == 0) {
             r = jobs[i].ret;
@@ -370,11 +373,16 @@ static void test_in(enum ggml_type type) {
     const char * tname = x4 ? "x4" : ggml_type_name(type);
     const int64_t bs = chess_in_align(type);
     const int64_t big = ((2300 / bs) | 1) * bs;
-    const int64_t shapes[4][2] = { { x4 ? 32 : 37, 3 * bs }, { x4 ? 96 : 37, 7 * bs }, { x4 ? 352 : 301, big }, { x4 ? 32 : 5, bs } };
+    // the last shape: many inputs into few outputs, so chess_in_sparse_mt cuts it into many pieces
+    const int64_t shapes[5][2] = { { x4 ? 32 : 37, 3 * bs }, { x4 ? 96 : 37, 7 * bs }, { x4 ? 352 : 301, big }, { x4 ? 32 : 5, bs },
+                                   { x4 ? 2080 : 2301, 3 * bs } };
+    float * part = malloc((size_t) (CHESS_IN_MAX_PIECES - 1) * (size_t) big * sizeof(float));
+    chess_in_shared sh = { 0, 0, part };
     const int p0 = n_pass, f0 = n_fail;
     const double t0 = now_s();
     double worst = 0, worst_f = 0;
-    for (int s = 0; s < 4; s++) {
+    int ok_sh = 1;
+    for (int s = 0; s < 5; s++) {
         const int64_t n_in = shapes[s][0], n_out = shapes[s][1];
         snprintf(g_shape, sizeof(g_shape), "%lldx%lld", (long long) n_in, (long long) n_out);
         size_t nb1;
@@ -421,11 +429,13 @@ static void test_in(enum ggml_type type) {
             check(ok_in, "input", tname, md->name, 1, 0);
             fill_nan(yq, n_out);
             chess_in_sparse_ref(w, type, nb1, n_in, n_out, veff, NULL, 0, yq, 0, n_out);
-            for (int nth = 1; nth <= 4; nth++) {
+            for (int it = 0; it < 8; it++) { // column ranges, then whole rows in pieces (_mt)
+                const int nth = 1 + it % 4, mt = it >= 4;
                 float * out = nth == 1 ? y1 : y;
                 fill_nan(out, n_out);
-                job jb = { 0, w, type, nb1, n_in, n_out, vv, t, n_t, 0, NULL, out, 0, 0, 0 };
+                job jb = { mt ? 2 : 0, w, type, nb1, n_in, n_out, vv, t, n_t, 0, NULL, out, 0, 0, 0, &sh };
                 const int64_t k = run_threads(jb, nth);
+                ok_sh = ok_sh && sh.next == 0 && sh.done == 0;
                 int ok = k == kref;
                 for (int64_t j = 0; j < n_out; j++) ok = ok && !isnan(out[j]);
                 const double e = nmse(out, yq, n_out), ef = x4 ? nmse(out, yref, n_out) : 0.0;
@@ -436,12 +446,14 @@ static void test_in(enum ggml_type type) {
                     for (int64_t j = 0; j < n_out; j++) ok = ok && out[j] == 0.0f;
                 }
                 if (nth > 1) ok = ok && memcmp(out, y1, n_out * sizeof(float)) == 0;
-                check(ok, "in", tname, md->name, nth, e);
+                check(ok, mt ? "in_mt" : "in", tname, md->name, nth, e);
             }
             free(t);
         }
         free(w); free(v); free(yref); free(y1); free(y); free(vz); free(veff); free(yq);
     }
+    check(ok_sh, "in_mt shared block zeroed after each product", tname, "-", 0, 0);
+    free(part);
     printf("in  %-8s %-10s n_out %lld/%lld/%lld: %3d ok, %d failed, max nmse %.2g vs the ref on the kernel's input",
            tname, chess_in_sparse_route(type), (long long) (3 * bs), (long long) (7 * bs), (long long) big,
            n_pass - p0, n_fail - f0, worst);

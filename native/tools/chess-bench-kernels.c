@@ -79,10 +79,22 @@ static void up_op(struct ggml_tensor * dst, int ith, int nth, void * ud) {
                     tau->ne[0], CHESS_ACT_SILU, xq, (float *) dst->data, i0, i1);
 }
 
-// src: 0 v f32 [n_in], 1 Wt; each thread a slice of the output columns (as the runtime)
+// src: 0 v f32 [n_in], 1 Wt; all threads on whole rows, as the runtime decodes (chess_in_sparse_mt);
+// CHESS_BENCH_IN_SPLIT=cols: each thread a slice of the output columns (how batches of a few tokens run)
+static chess_in_shared g_in_shared;
 static void in_op(struct ggml_tensor * dst, int ith, int nth, void * ud) {
     (void) ud;
     const struct ggml_tensor * v = dst->src[0], * wt = dst->src[1];
+    static int cols = -1;
+    if (cols < 0) {
+        const char * e = getenv("CHESS_BENCH_IN_SPLIT");
+        cols = e && !strcmp(e, "cols");
+    }
+    if (!cols) {
+        chess_in_sparse_mt(wt->data, wt->type, wt->nb[1], v->ne[0], dst->ne[0], (const float *) v->data, NULL, 0,
+                           (float *) dst->data, &g_in_shared, nth);
+        return;
+    }
     int64_t j0, j1;
     chess_thread_range(dst->ne[0], chess_in_align(wt->type), ith, nth, &j0, &j1);
     chess_in_sparse(wt->data, wt->type, wt->nb[1], v->ne[0], dst->ne[0], (const float *) v->data, NULL, 0,
@@ -150,6 +162,10 @@ static void bench_case(const kcase * k, float keep, int nth, int reps, double bu
     int nc = (int) ceil(budget_mb * 1e6 / (double) (dbytes < sbytes ? dbytes : sbytes));
     nc = nc < 2 ? 2 : nc > 256 ? 256 : nc;
     ggml_backend_buffer_type_t rbuft = repack_buft(k->dtype, k->n_in, k->n_out);
+    if (!k->up) {
+        g_in_shared.part = realloc(g_in_shared.part, (size_t) (CHESS_IN_MAX_PIECES - 1) * (size_t) k->n_out * sizeof(float));
+        if (!g_in_shared.part) die("out of memory", NULL);
+    }
 
     // dense weights: their own no-alloc context in the repack (or plain CPU) buffer; the rest of the
     // tensors (sparse weights, vectors, graph nodes) in an allocating context

@@ -40,7 +40,7 @@
 // ---- thread-local scratch (no work buffer in a ggml custom op): grows, never shrinks, freed at
 // thread exit (chess-kernels.c) -------------------------------------------------------------------
 typedef struct { void * p; size_t cap; } ch_buf;
-enum { CH_BUF_LIST, CH_BUF_DEQ, CH_BUF_X, CH_BUF_TILE, CH_BUF_GROUPS, CH_N_BUFS };
+enum { CH_BUF_LIST, CH_BUF_DEQ, CH_BUF_X, CH_BUF_TILE, CH_BUF_GROUPS, CH_BUF_PART, CH_N_BUFS };
 CH_HIDDEN void * ch_scratch(int which, size_t need); // 64-byte aligned, >= need bytes
 
 CH_HIDDEN extern bool ch_force_generic; // chess_kernels_force_generic

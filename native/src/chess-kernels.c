@@ -345,34 +345,13 @@ const char * chess_in_sparse_route(enum ggml_type type) {
     return name;
 }
 
-int64_t chess_in_sparse(const void * wt, enum ggml_type type, size_t nb1, int64_t n_in, int64_t n_out,
-                        const float * v, const float * thr, int64_t n_thr, float * y, int64_t j0, int64_t j1) {
-    const char * name;
-    if (type == CHESS_X4) {
-        const ch_x4_plan pl = ch_x4_prepare(v, thr, n_thr, n_in);
-        if (j1 > j0) {
-            ch_x4_route(&name)((const char *) wt, nb1, n_out, &pl, y, j0, j1);
-        }
-        return pl.na;
-    }
-    int32_t * idx;
-    float   * c;
-    const int64_t na = ch_active(v, thr, n_thr, n_in, &idx, &c);
-    if (j1 > j0) {
-        const ch_in_fn fast = ch_in_route(type, &name);
-        if (fast) {
-            fast((const char *) wt, nb1, ggml_type_size(type), idx, c, na, y, j0, j1);
-        } else {
-            ch_in_generic((const char *) wt, type, nb1, idx, c, na, y, j0, j1);
-        }
-    }
-    return na;
-}
-
-// ---- one token on all threads: pieces of the input, partial products, ordered sum ------------------
-// Each piece must read enough weight bytes (>= 32x its partial row of n_out floats) that writing and
-// summing the partials stays a small cost next to the weight stream. Piece boundaries depend only on
-// the input, and the pieces are summed in order by one thread, so y is the same for any thread count.
+// ---- pieces of the input, partial products, ordered sum -----------------------------------------
+// A product is cut into pieces of its active inputs (groups for x4) by the input alone; piece k's
+// product goes to its own partial vector and y = ((p0 + p1) + p2) + ..., per column. A column's
+// value does not depend on the column range or the thread that computes it, so the decode path
+// (chess_in_sparse_mt: whole rows, threads take pieces) and the batch path (chess_in_sparse: column
+// ranges, all pieces) give bit-identical results. Each piece reads >= 32x the bytes of its partial
+// row of n_out floats, so writing and summing the partials stays a small cost next to the weights.
 
 static inline int32_t ch_atomic_add(int32_t * p, int32_t v) { // returns the new value
 #if defined(_MSC_VER) && !defined(__clang__)
@@ -382,69 +361,112 @@ static inline int32_t ch_atomic_add(int32_t * p, int32_t v) { // returns the new
 #endif
 }
 
-static int64_t ch_n_pieces(int64_t units, int64_t min_units) {
-    const int64_t n = units / (min_units > 0 ? min_units : 1);
-    return n < 1 ? 1 : n > CHESS_IN_MAX_PIECES ? CHESS_IN_MAX_PIECES : n;
+static inline void ch_atomic_store0(int32_t * p) {
+#if defined(_MSC_VER) && !defined(__clang__)
+    _InterlockedExchange((volatile long *) p, 0);
+#else
+    __atomic_store_n(p, 0, __ATOMIC_RELEASE);
+#endif
 }
 
-// start of piece k of np over `units`, rounded to `align` units (the last piece ends at `units`)
-static int64_t ch_piece_start(int64_t k, int64_t np, int64_t units, int64_t align) {
-    if (k >= np) {
-        return units;
+typedef struct {
+    const char * wt;
+    enum ggml_type type;
+    size_t nb1;
+    int64_t n_out, na, units, np;
+    ch_x4_plan pl;      // x4
+    const int32_t * idx; // block types: active inputs
+    const float * c;
+    ch_in_fn fast;
+} ch_in_job;
+
+static ch_in_job ch_in_setup(const void * wt, enum ggml_type type, size_t nb1, int64_t n_in, int64_t n_out,
+                             const float * v, const float * thr, int64_t n_thr) {
+    ch_in_job J = { (const char *) wt, type, nb1, n_out, 0, 0, 1, { 0 }, NULL, NULL, NULL };
+    int64_t min_units;
+    if (type == CHESS_X4) {
+        J.pl = ch_x4_prepare(v, thr, n_thr, n_in);
+        J.na = J.pl.na;
+        J.units = J.pl.ng;
+        min_units = 8; // a group reads 20 bytes per column
+    } else {
+        int32_t * idx;
+        float   * c;
+        J.na = ch_active(v, thr, n_thr, n_in, &idx, &c);
+        J.idx = idx;
+        J.c = c;
+        J.units = J.na;
+        min_units = (int64_t) ceil(128.0 * (double) n_out / (double) ggml_row_size(type, n_out));
+        const char * name;
+        J.fast = ch_in_route(type, &name);
     }
-    const int64_t u = (k * units / np + align - 1) / align * align;
-    return u < units ? u : units;
+    const int64_t n = J.units / (min_units > 0 ? min_units : 1);
+    J.np = n < 1 ? 1 : n > CHESS_IN_MAX_PIECES ? CHESS_IN_MAX_PIECES : n;
+    return J;
+}
+
+// start of piece k (block types: a multiple of 4 rows, the routes' groups); the last ends at units
+static int64_t ch_piece_start(const ch_in_job * J, int64_t k) {
+    if (k >= J->np) {
+        return J->units;
+    }
+    const int64_t align = J->type == CHESS_X4 ? 1 : 4;
+    const int64_t u = (k * J->units / J->np + align - 1) / align * align;
+    return u < J->units ? u : J->units;
+}
+
+static void ch_in_piece(const ch_in_job * J, int64_t k, float * out, int64_t j0, int64_t j1) {
+    const int64_t u0 = ch_piece_start(J, k), u1 = ch_piece_start(J, k + 1);
+    if (J->type == CHESS_X4) {
+        const char * name;
+        const ch_x4_plan sub = { J->pl.grp + u0, J->pl.pair, u1 - u0, J->na };
+        ch_x4_route(&name)(J->wt, J->nb1, J->n_out, &sub, out, j0, j1);
+    } else if (J->fast) {
+        J->fast(J->wt, J->nb1, ggml_type_size(J->type), J->idx + u0, J->c + u0, u1 - u0, out, j0, j1);
+    } else {
+        ch_in_generic(J->wt, J->type, J->nb1, J->idx + u0, J->c + u0, u1 - u0, out, j0, j1);
+    }
+}
+
+// y[j0, j1) += the partials of pieces 1 .. np-1 (stride n_out), in order
+static void ch_in_sum(float * y, const float * part, int64_t np, int64_t n_out, int64_t j0, int64_t j1) {
+    for (int64_t k = 1; k < np; k++) {
+        const float * p = part + (size_t) (k - 1) * (size_t) n_out;
+        for (int64_t j = j0; j < j1; j++) {
+            y[j] += p[j];
+        }
+    }
+}
+
+int64_t chess_in_sparse(const void * wt, enum ggml_type type, size_t nb1, int64_t n_in, int64_t n_out,
+                        const float * v, const float * thr, int64_t n_thr, float * y, int64_t j0, int64_t j1) {
+    const ch_in_job J = ch_in_setup(wt, type, nb1, n_in, n_out, v, thr, n_thr);
+    if (j1 > j0) {
+        float * part = J.np > 1 ? ch_scratch(CH_BUF_PART, (size_t) (J.np - 1) * (size_t) n_out * sizeof(float)) : NULL;
+        for (int64_t k = 0; k < J.np; k++) {
+            ch_in_piece(&J, k, k == 0 ? y : part + (size_t) (k - 1) * (size_t) n_out, j0, j1);
+        }
+        ch_in_sum(y, part, J.np, n_out, j0, j1);
+    }
+    return J.na;
 }
 
 int64_t chess_in_sparse_mt(const void * wt, enum ggml_type type, size_t nb1, int64_t n_in, int64_t n_out,
                            const float * v, const float * thr, int64_t n_thr, float * y, chess_in_shared * sh, int nth) {
-    const char * name;
-    const bool x4 = type == CHESS_X4;
-    ch_x4_plan pl = { 0 };
-    int32_t * idx = NULL;
-    float   * c   = NULL;
-    int64_t na, units, np;
-    ch_in_fn fast = NULL;
-    if (x4) {
-        pl = ch_x4_prepare(v, thr, n_thr, n_in);
-        na = pl.na;
-        units = pl.ng;
-        np = ch_n_pieces(units, 8); // a group reads 20 bytes per column
-    } else {
-        na = ch_active(v, thr, n_thr, n_in, &idx, &c);
-        units = na;
-        const double row_bytes = (double) ggml_row_size(type, n_out);
-        np = ch_n_pieces(units, (int64_t) ceil(128.0 * (double) n_out / row_bytes));
-        fast = ch_in_route(type, &name);
-    }
+    const ch_in_job J = ch_in_setup(wt, type, nb1, n_in, n_out, v, thr, n_thr);
     for (;;) {
         const int64_t k = ch_atomic_add(&sh->next, 1) - 1;
-        if (k >= np) {
+        if (k >= J.np) {
             break;
         }
-        float * out = k == 0 ? y : sh->part + (size_t) (k - 1) * (size_t) n_out;
-        const int64_t align = x4 ? 1 : 4; // rows in the routes' groups of 4
-        const int64_t u0 = ch_piece_start(k, np, units, align), u1 = ch_piece_start(k + 1, np, units, align);
-        if (x4) {
-            const ch_x4_plan sub = { pl.grp + u0, pl.pair, u1 - u0, na };
-            ch_x4_route(&name)((const char *) wt, nb1, n_out, &sub, out, 0, n_out);
-        } else if (fast) {
-            fast((const char *) wt, nb1, ggml_type_size(type), idx + u0, c + u0, u1 - u0, out, 0, n_out);
-        } else {
-            ch_in_generic((const char *) wt, type, nb1, idx + u0, c + u0, u1 - u0, out, 0, n_out);
-        }
+        ch_in_piece(&J, k, k == 0 ? y : sh->part + (size_t) (k - 1) * (size_t) n_out, 0, n_out);
     }
     if (ch_atomic_add(&sh->done, 1) == nth) { // the last thread: every piece is written
-        for (int64_t k = 1; k < np; k++) {
-            const float * p = sh->part + (size_t) (k - 1) * (size_t) n_out;
-            for (int64_t j = 0; j < n_out; j++) {
-                y[j] += p[j];
-            }
-        }
-        sh->next = 0;
-        sh->done = 0;
+        ch_in_sum(y, sh->part, J.np, n_out, 0, n_out);
+        ch_atomic_store0(&sh->next);
+        ch_atomic_store0(&sh->done);
     }
-    return na;
+    return J.na;
 }
 
 // ---------------------------------------------------------------------------------------------

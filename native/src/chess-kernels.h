@@ -94,7 +94,8 @@ int64_t chess_in_sparse(const void * wt, enum ggml_type type, size_t nb1, int64_
 // gives each thread short pieces of every row: slow on narrow outputs). The active inputs are cut
 // into at most CHESS_IN_MAX_PIECES pieces by the input alone; threads take pieces from sh->next,
 // piece 0 goes to y and piece k to sh->part + (k-1) * n_out, and the last thread to finish adds the
-// pieces to y in order: y is bit-identical for any thread count (but not to chess_in_sparse's).
+// pieces to y in order (chess_in_sparse sums the same pieces per column range): y is bit-identical
+// for any thread count and to chess_in_sparse's.
 // Every one of the nth threads must call it once with the same arguments; *sh starts zeroed and is
 // zeroed again when the product is complete (reuse it for the next product after a barrier).
 #define CHESS_IN_MAX_PIECES 16

@@ -195,13 +195,14 @@ int64_t chess_up_sparse(const void * w_up, enum ggml_type type, size_t nb1, int6
     int32_t * kept = ch_scratch(CH_BUF_LIST, (size_t) (i1 - i0) * (sizeof(int32_t) + 2 * sizeof(float)));
     float   * ka   = (float *) (kept + (i1 - i0));
     float   * ks   = ka + (i1 - i0);
+    // branch-free: a kept/dropped branch mispredicts on every other channel of a mask at level 0.5
+    // (measured: a third of the kernel's time at 1536x8960); slot nk is written always, kept or not
     int64_t nk = 0;
     for (int64_t i = i0; i < i1; i++) {
         const float a = chess_act_apply(act, g[i]);
-        if (!tau || fabsf(a) >= ch_thr(tau, n_tau, i)) {
-            kept[nk] = (int32_t) i;
-            ka[nk++] = a;
-        }
+        kept[nk] = (int32_t) i;
+        ka[nk] = a;
+        nk += !tau || fabsf(a) >= ch_thr(tau, n_tau, i);
         h[i] = 0.0f;
     }
 

@@ -34,6 +34,11 @@ FALLBACK = {
 # The compact layout replaces the originals, so it avoids growing the file: Q6_K gets Q5_1 (6.0
 # bits/weight, below Q6_K's 6.56) instead of Q8_0 (8.5), which pays for Q4_K -> Q4_1 (+0.5 bit).
 COMPACT_FALLBACK = {**FALLBACK, QT.Q6_K: QT.Q5_1}
+# Dual layout: Q5_K and Q6_K copies are Q8_0 even where their own block fits. The sparse kernel
+# decodes those two to float (0.2-0.7x of ggml's dense speed on the same matrix), Q8_0 runs integer
+# dots (1.0-1.5x with every row kept, 1.7-2.9x at half): faster despite 30-55% more bytes, and a
+# second rounding at 8 bits instead of 5-6 (docs/kernels.md, "Copies of Q5_K and Q6_K").
+DUAL_FIRST = {QT.Q5_K: QT.Q8_0, QT.Q6_K: QT.Q8_0}
 LAYOUTS = ("dual", "compact")
 # compact: these originals are replaced by their transposed copies, under their own names
 COMPACT_NAMES = {"chess_wt_down": "ffn_down", "chess_wt_q": "attn_q", "chess_wt_o": "attn_output"}
@@ -46,7 +51,8 @@ def transposed_type(orig: QT, row_len: int, override: Optional[QT] = None, layou
     from gguf.constants import GGML_QUANT_SIZES
     fits = lambda t: row_len % GGML_QUANT_SIZES[t][0] == 0  # noqa: E731
     fallback = (COMPACT_FALLBACK if layout == "compact" else FALLBACK).get(orig, QT.Q8_0)
-    for t in ([override] if override is not None else []) + [orig, fallback, QT.Q8_0, QT.F16]:
+    first = [DUAL_FIRST[orig]] if layout == "dual" and orig in DUAL_FIRST else []
+    for t in ([override] if override is not None else []) + first + [orig, fallback, QT.Q8_0, QT.F16]:
         if t in QUANTIZABLE and fits(t):
             return t
     return QT.F32

@@ -110,3 +110,21 @@ def test_sparse_decoding_reads_the_original_weights(smol_copies):
         # measured: first token x4 1e-4 / 3e-6 (cats / chess), q4_1 0.019 / 0.014; mean 0.074 / 0.035 vs 0.16 / 0.32
         assert nmse["x4"][0] < 1e-3 and nmse["q4_1"][0] > 10 * nmse["x4"][0], (method, nmse)
         assert nmse["x4"].mean() < 0.5 * nmse["q4_1"].mean(), (method, nmse)
+
+
+def test_copy_type_rule():
+    from chess_gguf.convert import transposed_type
+    # x4 is chosen elsewhere; this is the requant rule: the original's type where it fits...
+    assert transposed_type(QT.Q4_K, 1536) == QT.Q4_K
+    assert transposed_type(QT.Q5_0, 896) == QT.Q5_0
+    # ...a fallback of at least the same bits where it does not (896 holds no 256-block)...
+    assert transposed_type(QT.Q4_K, 896) == QT.Q4_1
+    # ...and Q8_0 for Q5_K/Q6_K in the dual layout even where they fit (their sparse kernel is slow)
+    for qt in (QT.Q5_K, QT.Q6_K):
+        assert transposed_type(qt, 1536) == QT.Q8_0
+        assert transposed_type(qt, 896) == QT.Q8_0
+    # the compact layout keeps its small-file rule; an explicit type wins where it fits
+    assert transposed_type(QT.Q6_K, 1536, layout="compact") == QT.Q6_K
+    assert transposed_type(QT.Q6_K, 896, layout="compact") == QT.Q5_1
+    assert transposed_type(QT.Q6_K, 1536, QT.Q6_K) == QT.Q6_K
+    assert transposed_type(QT.Q6_K, 100) == QT.F16  # no block of 32 fits a row of 100

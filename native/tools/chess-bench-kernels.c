@@ -346,7 +346,8 @@ static void * random_x4(int64_t n_in, int64_t n_out) {
 }
 
 // the transposed copy's type convert writes by default (chess_gguf/convert.py: x4, then the requant
-// rule: the original type when its block divides the row length, a fallback, Q8_0, F16, F32)
+// rule: Q8_0 for Q5_K/Q6_K, else the original type when its block divides the row length, a
+// fallback, Q8_0, F16, F32)
 static enum ggml_type copy_type(enum ggml_type t, int64_t n_in, int64_t n_out, const char * wt) {
     const bool x4ok = (t == GGML_TYPE_Q4_0 || t == GGML_TYPE_Q4_1 || t == GGML_TYPE_Q4_K) && chess_x4_ok(n_in, n_out);
     if (!wt || !strcmp(wt, "x4")) {
@@ -361,11 +362,11 @@ static enum ggml_type copy_type(enum ggml_type t, int64_t n_in, int64_t n_out, c
         }
         die("--wt: unknown type ", wt);
     }
+    if (t == GGML_TYPE_Q5_K || t == GGML_TYPE_Q6_K) t = GGML_TYPE_Q8_0; // convert.DUAL_FIRST
     enum ggml_type fb = GGML_TYPE_Q8_0;
     switch (t) {
         case GGML_TYPE_Q2_K: case GGML_TYPE_Q3_K: fb = GGML_TYPE_Q4_0; break;
         case GGML_TYPE_Q4_K: fb = GGML_TYPE_Q4_1; break;
-        case GGML_TYPE_Q5_K: fb = GGML_TYPE_Q5_1; break;
         case GGML_TYPE_IQ4_XS: fb = GGML_TYPE_IQ4_NL; break;
         default: break;
     }

@@ -257,26 +257,137 @@ CH_INLINE void ch_up_rows_k(const int kind, const int NR, const uint8_t * const 
     for (int r = 0; r < NR; r++) sums[r] = ch_hsum8(acc[r]) + corr[r];
 }
 
+
+#if defined(CHESS_AVX512)
+// ---- Q4_K/Q5_K on AVX-512BW: 2 rows per pass, 2 x 64-byte loads per row and super-block. Bytes
+// 0..63 of qs hold sub-blocks 0 and 2 in their low nibbles, 1 and 3 in their high ones, so x is
+// rearranged once per call into that order ([x0 | x2], [x1 | x3], [x4 | x6], [x5 | x7]) and the
+// row's 8 scales become int16 vectors [sc_a x16 | sc_b x16] by one vpermw each. The same integers
+// as the 256-bit route (maddubs pairs, madd by the scale), summed in another order (exact);
+// mins through Q8_K's per-32 sums of x, in a float vector per row.
+typedef struct {
+    __m512i x[4];
+    __m128i bs32; // per-32 sums of x (int16, lanes 0..7)
+    float   dx;
+} ch_upk512;
+
+static const ch_upk512 * ch_upk512_prepare(const uint8_t * xq, int64_t nsb) {
+    uint8_t * buf = ch_scratch(CH_BUF_DEQ, (size_t) nsb * sizeof(ch_upk512) + 64);
+    ch_upk512 * X = (ch_upk512 *) (((uintptr_t) buf + 63) & ~(uintptr_t) 63);
+    for (int64_t b = 0; b < nsb; b++) {
+        const uint8_t * xb = xq + b * 292; // Q8_K: float d, int8 qs[256], int16 bsums[16]
+        const int8_t * x8 = (const int8_t *) (xb + 4);
+        memcpy(&X[b].dx, xb, 4);
+        for (int k = 0; k < 4; k++) {
+            const int s0 = (k & 1) + 4 * (k >> 1); // sub-blocks s0 and s0 + 2
+            X[b].x[k] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *) (x8 + 32 * s0))),
+                                           _mm256_loadu_si256((const __m256i *) (x8 + 32 * (s0 + 2))), 1);
+        }
+        const __m256i bs = _mm256_loadu_si256((const __m256i *) (xb + 260));
+        X[b].bs32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+    }
+    return X;
+}
+
+// the lines that start within [p, p + n) (the row's first line is prefetched once per row)
+CH_INLINE void ch_pf_span(const uint8_t * p, size_t n) {
+    for (uintptr_t a = ((uintptr_t) p + 63) & ~(uintptr_t) 63; a < (uintptr_t) p + n; a += 64) {
+        CH_PREFETCH((const char *) a);
+    }
+}
+
+#define CH_V16(a, b) _mm512_inserti64x4(_mm512_set1_epi16(a), _mm256_set1_epi16(b), 1)
+
+CH_INLINE void ch_up_rows_k512(const int kind, const int NR, const uint8_t * const * rows, const uint8_t * const * ahead,
+                               int64_t nsb, const ch_upk512 * X, float * sums) {
+    const size_t ts = kind == CH_UQ4_K ? 144 : 176;
+    const bool q5 = kind == CH_UQ5_K;
+    const __m512i m4 = _mm512_set1_epi8(0x0F), h10 = _mm512_set1_epi8(0x10);
+    // indices into [sc0..sc7 | m0..m7] for the four vectors, and the shifts that bring Q5_K's 5th
+    // bit of sub-block s (bit s of qh[e]) to 0x10: left for s = 0..3, right for s = 4..7
+    const __m512i si0 = CH_V16(0, 2), si1 = CH_V16(1, 3), si2 = CH_V16(4, 6), si3 = CH_V16(5, 7);
+    const __m512i sh0 = CH_V16(4, 2), sh1 = CH_V16(3, 1), sh2 = CH_V16(0, 2), sh3 = CH_V16(1, 3);
+    __m512 acc[2];
+    __m128 accm[2];
+    for (int r = 0; r < NR; r++) {
+        acc[r] = _mm512_setzero_ps();
+        accm[r] = _mm_setzero_ps();
+        if (ahead) CH_PREFETCH(ahead[r]);
+    }
+    for (int64_t b = 0; b < nsb; b++) {
+        const ch_upk512 * xb = X + b;
+        for (int r = 0; r < NR; r++) {
+            const uint8_t * sb = rows[r] + b * ts;
+            if (ahead) ch_pf_span(ahead[r] + b * ts, ts);
+            const __m256i s16 = ch_q4k_scales16(sb + 4);
+            const __m128i mm = _mm_madd_epi16(_mm256_extracti128_si256(s16, 1), xb->bs32);
+            const __m512i sc = _mm512_castsi256_si512(s16);
+            const uint8_t * qs = sb + (q5 ? 48 : 16);
+            const __m512i w0 = _mm512_loadu_si512((const void *) qs), w1 = _mm512_loadu_si512((const void *) (qs + 64));
+            __m512i l0 = _mm512_and_si512(w0, m4), h0 = _mm512_and_si512(_mm512_srli_epi16(w0, 4), m4);
+            __m512i l1 = _mm512_and_si512(w1, m4), h1 = _mm512_and_si512(_mm512_srli_epi16(w1, 4), m4);
+            if (q5) {
+                const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *) (sb + 16)));
+                l0 = _mm512_or_si512(l0, _mm512_and_si512(_mm512_sllv_epi16(qh, sh0), h10));
+                h0 = _mm512_or_si512(h0, _mm512_and_si512(_mm512_sllv_epi16(qh, sh1), h10));
+                l1 = _mm512_or_si512(l1, _mm512_and_si512(_mm512_srlv_epi16(qh, sh2), h10));
+                h1 = _mm512_or_si512(h1, _mm512_and_si512(_mm512_srlv_epi16(qh, sh3), h10));
+            }
+            // |level| <= 31, |x| <= 127: maddubs pairs stay within int16 (as in ch_up_rows_k)
+            const __m512i p0 = _mm512_madd_epi16(_mm512_maddubs_epi16(l0, xb->x[0]), _mm512_permutexvar_epi16(si0, sc));
+            const __m512i p1 = _mm512_madd_epi16(_mm512_maddubs_epi16(h0, xb->x[1]), _mm512_permutexvar_epi16(si1, sc));
+            const __m512i p2 = _mm512_madd_epi16(_mm512_maddubs_epi16(l1, xb->x[2]), _mm512_permutexvar_epi16(si2, sc));
+            const __m512i p3 = _mm512_madd_epi16(_mm512_maddubs_epi16(h1, xb->x[3]), _mm512_permutexvar_epi16(si3, sc));
+            const __m512i isum = _mm512_add_epi32(_mm512_add_epi32(p0, p1), _mm512_add_epi32(p2, p3));
+            const ggml_fp16_t * hp = (const ggml_fp16_t *) sb;
+            acc[r]  = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(ch_h2f(hp[0]) * xb->dx), acc[r]);
+            accm[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(mm), _mm_set1_ps(-ch_h2f(hp[1]) * xb->dx), accm[r]);
+        }
+    }
+    for (int r = 0; r < NR; r++) {
+        __m128 m = _mm_add_ps(accm[r], _mm_movehl_ps(accm[r], accm[r]));
+        m = _mm_add_ss(m, _mm_movehdup_ps(m));
+        sums[r] = _mm512_reduce_add_ps(acc[r]) + _mm_cvtss_f32(m);
+    }
+}
+#undef CH_V16
+#define CH_UP_K512(kind) ((kind) == CH_UQ4_K || (kind) == CH_UQ5_K)
+#else
+#define CH_UP_K512(kind) 0
+#endif
+
 // The driver: CH_UP_ROWS kept rows per pass, then the tail row by row (same per-row arithmetic, so
 // grouping never changes a result); the rows CH_UP_PF_ROWS kept rows ahead are prefetched by the pass.
 CH_INLINE void ch_up_drive(const int kind, const char * w, size_t nb1, int64_t n_in, const int32_t * kept, int64_t nk,
                            const void * xq, float * s) {
-    const bool k = kind >= CH_UQ4_K;
+    const bool k = kind >= CH_UQ4_K, k512 = CH_UP_K512(kind);
+    const int G = k512 ? 2 : CH_UP_ROWS; // rows per pass (the AVX-512 K route spills with 4)
     const int64_t nb = n_in / (k ? 256 : 32);
     const ch_upx2 * X = kind != CH_UQ8_0 && !k ? ch_upx2_prepare(kind, (const uint8_t *) xq, nb) : NULL;
+#if defined(CHESS_AVX512)
+    const ch_upk512 * XK = k512 ? ch_upk512_prepare((const uint8_t *) xq, nb) : NULL;
+#endif
     const size_t ts = kind == CH_UQ8_0 ? 34 : kind == CH_UQ4_0 ? 18 : kind == CH_UQ4_1 ? 20 : kind == CH_UQ5_0 ? 22 :
                       kind == CH_UQ5_1 ? 24 : kind == CH_UQ4_K ? 144 : kind == CH_UQ5_K ? 176 : 210;
     for (int64_t q = 0; q < nk && q < CH_UP_PF_ROWS; q++) { // the first rows: nothing runs ahead of them
         ch_prefetch_bytes(w + (size_t) kept[q] * nb1, (size_t) nb * ts);
     }
     for (int64_t i = 0; i < nk; ) {
-        const int nr = nk - i >= CH_UP_ROWS ? CH_UP_ROWS : 1;
+        const int nr = nk - i >= G ? G : 1;
         const uint8_t * rows[CH_UP_ROWS], * ahead[CH_UP_ROWS];
         const bool pf = i + CH_UP_PF_ROWS + nr <= nk;
         for (int r = 0; r < nr; r++) {
             rows[r] = (const uint8_t *) w + (size_t) kept[i + r] * nb1;
             ahead[r] = pf ? (const uint8_t *) w + (size_t) kept[i + CH_UP_PF_ROWS + r] * nb1 : NULL;
         }
+#if defined(CHESS_AVX512)
+        if (k512) {
+            if (nr == 2) ch_up_rows_k512(kind, 2, rows, pf ? ahead : NULL, nb, XK, s + i);
+            else         ch_up_rows_k512(kind, 1, rows, pf ? ahead : NULL, nb, XK, s + i);
+            i += nr;
+            continue;
+        }
+#endif
 #define CH_UP_CALL(NR) \
         if (kind == CH_UQ8_0)  ch_up_rows_q8(NR, rows, pf ? ahead : NULL, nb, (const uint8_t *) xq, s + i); \
         else if (k)            ch_up_rows_k(kind, NR, rows, pf ? ahead : NULL, nb, (const uint8_t *) xq, s + i); \
@@ -315,6 +426,12 @@ CH_DEF_UP(ch_up_q6_k, CH_UQ6_K)
 #define CH_UPNAME(t) "avx2-" t
 #endif
 
+#if defined(CHESS_AVX512)
+#define CH_UPKNAME(t) "avx512-" t
+#else
+#define CH_UPKNAME(t) CH_UPNAME(t)
+#endif
+
 ch_up_fn ch_up_route_isa(enum ggml_type type, const char ** name) {
     switch (type) {
         case GGML_TYPE_Q8_0: *name = CH_UPNAME("q8_0"); return ch_up_q8_0;
@@ -322,8 +439,8 @@ ch_up_fn ch_up_route_isa(enum ggml_type type, const char ** name) {
         case GGML_TYPE_Q4_1: *name = CH_UPNAME("q4_1"); return ch_up_q4_1;
         case GGML_TYPE_Q5_0: *name = CH_UPNAME("q5_0"); return ch_up_q5_0;
         case GGML_TYPE_Q5_1: *name = CH_UPNAME("q5_1"); return ch_up_q5_1;
-        case GGML_TYPE_Q4_K: *name = CH_UPNAME("q4_K"); return ch_up_q4_k;
-        case GGML_TYPE_Q5_K: *name = CH_UPNAME("q5_K"); return ch_up_q5_k;
+        case GGML_TYPE_Q4_K: *name = CH_UPKNAME("q4_K"); return ch_up_q4_k;
+        case GGML_TYPE_Q5_K: *name = CH_UPKNAME("q5_K"); return ch_up_q5_k;
         case GGML_TYPE_Q6_K: *name = CH_UPNAME("q6_K"); return ch_up_q6_k;
         default: return NULL;
     }

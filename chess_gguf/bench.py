@@ -386,7 +386,8 @@ def run(paths: str | os.PathLike | Sequence[str | os.PathLike], *, original: str
             for t in dec[:4]:
                 ctxs[fi].decode([t], logits="compute")
         for rep in range(reps):
-            for fi, method, level in configs:
+            # ABBA: every other round runs the settings in reverse, so no setting always follows another
+            for fi, method, level in (configs if rep % 2 == 0 else configs[::-1]):
                 ctx = ctxs[fi]
                 select(fi, method, level)
                 r = runs[(fi, method, level)]

@@ -259,7 +259,7 @@ CH_INLINE void ch_up_rows_k(const int kind, const int NR, const uint8_t * const 
 
 
 #if defined(CHESS_AVX512)
-// ---- Q4_K/Q5_K on AVX-512BW: 2 rows per pass, 2 x 64-byte loads per row and super-block. Bytes
+// ---- Q4_K/Q5_K/Q6_K on AVX-512BW: 2 rows per pass, 2 x 64-byte loads per row and super-block. Bytes
 // 0..63 of qs hold sub-blocks 0 and 2 in their low nibbles, 1 and 3 in their high ones, so x is
 // rearranged once per call into that order ([x0 | x2], [x1 | x3], [x4 | x6], [x5 | x7]) and the
 // row's 8 scales become int16 vectors [sc_a x16 | sc_b x16] by one vpermw each. The same integers
@@ -350,8 +350,61 @@ CH_INLINE void ch_up_rows_k512(const int kind, const int NR, const uint8_t * con
         sums[r] = _mm512_reduce_add_ps(acc[r]) + _mm_cvtss_f32(m);
     }
 }
+
+// Q6_K: per half n of the super-block, ql bytes 64n..64n+63 hold sub-blocks 4n, 4n+1 in their low
+// nibbles and 4n+2, 4n+3 in their high ones, with 2 high bits each in qh[32n..32n+31] (bits 0-1,
+// 2-3, 4-5, 6-7); x is already in that order. Scales per 16 elements: one vpermw per 64 levels.
+CH_INLINE void ch_up_rows_q6k512(const int NR, const uint8_t * const * rows, const uint8_t * const * ahead,
+                                 int64_t nsb, const uint8_t * xq, float * sums) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F), h30 = _mm512_set1_epi8(0x30);
+    const __m512i shl = CH_V16(4, 2), shr = CH_V16(0, 2); // qh bits (0-1 | 2-3) left, (4-5 | 6-7) right, to 0x30
+    // scale index per int16 of a maddubs result: 8 pairs per 16 levels
+    const __m512i sl0 = _mm512_set_epi64(0x0003000300030003LL, 0x0003000300030003LL, 0x0002000200020002LL, 0x0002000200020002LL,
+                                         0x0001000100010001LL, 0x0001000100010001LL, 0x0000000000000000LL, 0x0000000000000000LL);
+    __m512 acc[2];
+    __m256 accm[2];
+    for (int r = 0; r < NR; r++) {
+        acc[r] = _mm512_setzero_ps();
+        accm[r] = _mm256_setzero_ps();
+        if (ahead) CH_PREFETCH(ahead[r]);
+    }
+    for (int64_t b = 0; b < nsb; b++) {
+        const uint8_t * xb = xq + b * 292;
+        float dx;
+        memcpy(&dx, xb, 4);
+        const int8_t * x8 = (const int8_t *) (xb + 4);
+        const __m256i bs = _mm256_loadu_si256((const __m256i *) (xb + 260)); // int16 bsums[16]
+        for (int r = 0; r < NR; r++) {
+            const uint8_t * sb = rows[r] + b * 210;
+            if (ahead) ch_pf_span(ahead[r] + b * 210, 210);
+            const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *) (sb + 192)));
+            const __m512i sc = _mm512_castsi256_si512(sc16);
+            __m512i isum = _mm512_setzero_si512();
+            for (int n = 0; n < 2; n++) {
+                const __m512i ql = _mm512_loadu_si512((const void *) (sb + 64 * n));
+                const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *) (sb + 128 + 32 * n)));
+                const __m512i lo = _mm512_or_si512(_mm512_and_si512(ql, m4), _mm512_and_si512(_mm512_sllv_epi16(qh, shl), h30));
+                const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4),
+                                                   _mm512_and_si512(_mm512_srlv_epi16(qh, shr), h30));
+                // levels 0..63, |x| <= 127: pairs within int16
+                const __m512i pl = _mm512_maddubs_epi16(lo, _mm512_loadu_si512((const void *) (x8 + 128 * n)));
+                const __m512i ph = _mm512_maddubs_epi16(hi, _mm512_loadu_si512((const void *) (x8 + 128 * n + 64)));
+                const __m512i il = _mm512_add_epi16(sl0, _mm512_set1_epi16((short) (8 * n)));
+                const __m512i ih = _mm512_add_epi16(sl0, _mm512_set1_epi16((short) (8 * n + 4)));
+                isum = _mm512_add_epi32(isum, _mm512_add_epi32(_mm512_madd_epi16(pl, _mm512_permutexvar_epi16(il, sc)),
+                                                               _mm512_madd_epi16(ph, _mm512_permutexvar_epi16(ih, sc))));
+            }
+            const float d = ch_h2f(*(const ggml_fp16_t *) (sb + 208)) * dx;
+            acc[r]  = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(d), acc[r]);
+            accm[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sc16, bs)), _mm256_set1_ps(-32.0f * d), accm[r]);
+        }
+    }
+    for (int r = 0; r < NR; r++) {
+        sums[r] = _mm512_reduce_add_ps(acc[r]) + ch_hsum8(accm[r]);
+    }
+}
 #undef CH_V16
-#define CH_UP_K512(kind) ((kind) == CH_UQ4_K || (kind) == CH_UQ5_K)
+#define CH_UP_K512(kind) ((kind) == CH_UQ4_K || (kind) == CH_UQ5_K || (kind) == CH_UQ6_K)
 #else
 #define CH_UP_K512(kind) 0
 #endif
@@ -361,11 +414,11 @@ CH_INLINE void ch_up_rows_k512(const int kind, const int NR, const uint8_t * con
 CH_INLINE void ch_up_drive(const int kind, const char * w, size_t nb1, int64_t n_in, const int32_t * kept, int64_t nk,
                            const void * xq, float * s) {
     const bool k = kind >= CH_UQ4_K, k512 = CH_UP_K512(kind);
-    const int G = k512 ? 2 : CH_UP_ROWS; // rows per pass (the AVX-512 K route spills with 4)
+    const int G = k512 ? 2 : CH_UP_ROWS; // rows per pass (the AVX-512 K routes spill with 4)
     const int64_t nb = n_in / (k ? 256 : 32);
     const ch_upx2 * X = kind != CH_UQ8_0 && !k ? ch_upx2_prepare(kind, (const uint8_t *) xq, nb) : NULL;
 #if defined(CHESS_AVX512)
-    const ch_upk512 * XK = k512 ? ch_upk512_prepare((const uint8_t *) xq, nb) : NULL;
+    const ch_upk512 * XK = k512 && kind != CH_UQ6_K ? ch_upk512_prepare((const uint8_t *) xq, nb) : NULL;
 #endif
     const size_t ts = kind == CH_UQ8_0 ? 34 : kind == CH_UQ4_0 ? 18 : kind == CH_UQ4_1 ? 20 : kind == CH_UQ5_0 ? 22 :
                       kind == CH_UQ5_1 ? 24 : kind == CH_UQ4_K ? 144 : kind == CH_UQ5_K ? 176 : 210;
@@ -381,6 +434,12 @@ CH_INLINE void ch_up_drive(const int kind, const char * w, size_t nb1, int64_t n
             ahead[r] = pf ? (const uint8_t *) w + (size_t) kept[i + CH_UP_PF_ROWS + r] * nb1 : NULL;
         }
 #if defined(CHESS_AVX512)
+        if (k512 && kind == CH_UQ6_K) {
+            if (nr == 2) ch_up_rows_q6k512(2, rows, pf ? ahead : NULL, nb, (const uint8_t *) xq, s + i);
+            else         ch_up_rows_q6k512(1, rows, pf ? ahead : NULL, nb, (const uint8_t *) xq, s + i);
+            i += nr;
+            continue;
+        }
         if (k512) {
             if (nr == 2) ch_up_rows_k512(kind, 2, rows, pf ? ahead : NULL, nb, XK, s + i);
             else         ch_up_rows_k512(kind, 1, rows, pf ? ahead : NULL, nb, XK, s + i);
@@ -441,7 +500,7 @@ ch_up_fn ch_up_route_isa(enum ggml_type type, const char ** name) {
         case GGML_TYPE_Q5_1: *name = CH_UPNAME("q5_1"); return ch_up_q5_1;
         case GGML_TYPE_Q4_K: *name = CH_UPKNAME("q4_K"); return ch_up_q4_k;
         case GGML_TYPE_Q5_K: *name = CH_UPKNAME("q5_K"); return ch_up_q5_k;
-        case GGML_TYPE_Q6_K: *name = CH_UPNAME("q6_K"); return ch_up_q6_k;
+        case GGML_TYPE_Q6_K: *name = CH_UPKNAME("q6_K"); return ch_up_q6_k;
         default: return NULL;
     }
 }

@@ -305,11 +305,12 @@ static void test_up(enum ggml_type type) {
     const double bound = vt == GGML_TYPE_F32 ? NMSE_UP_F32 : NMSE_UP_QUANT;
     const double tight = vt == GGML_TYPE_Q8_1 ? NMSE_UP_TIGHT1 : NMSE_UP_TIGHT;
     const int64_t big = ((2300 / unit) | 1) * unit; // odd number of blocks, beyond one tile
-    const int64_t shapes[3][2] = { { 3 * unit, 37 }, { 7 * unit, 37 }, { big, 101 } };
+    // 3, 5, 7, 10 blocks: every remainder of the routes that take 2 or 4 blocks per step
+    const int64_t shapes[5][2] = { { 3 * unit, 37 }, { 7 * unit, 37 }, { big, 101 }, { 5 * unit, 19 }, { 10 * unit, 19 } };
     const int p0 = n_pass, f0 = n_fail;
     const double t0 = now_s();
     double worst = 0, worst_t = 0;
-    for (int s = 0; s < 3; s++) {
+    for (int s = 0; s < 5; s++) {
         const int64_t n_in = shapes[s][0], n_ff = shapes[s][1];
         const enum chess_act act = s == 1 ? CHESS_ACT_GELU : CHESS_ACT_SILU;
         snprintf(g_shape, sizeof(g_shape), "%lldx%lld", (long long) n_ff, (long long) n_in);
@@ -363,8 +364,9 @@ static void test_up(enum ggml_type type) {
         }
         free(w); free(x); free(g); free(a); free(xq); free(xd); free(htgt); free(href); free(h1); free(h);
     }
-    printf("up  %-8s %-10s x as %-5s n_in %lld/%lld/%lld: %3d ok, %d failed, max nmse %.2g vs own-x ref, %.2g vs float-x ref (%.1f s)\n",
-           tname, chess_up_sparse_route(type), ggml_type_name(vt), (long long) (3 * unit), (long long) (7 * unit), (long long) big,
+    printf("up  %-8s %-10s x as %-5s n_in %lld/%lld/%lld/%lld/%lld: %3d ok, %d failed, max nmse %.2g vs own-x ref, %.2g vs float-x ref (%.1f s)\n",
+           tname, chess_up_sparse_route(type), ggml_type_name(vt), (long long) (3 * unit), (long long) (5 * unit),
+           (long long) (7 * unit), (long long) (10 * unit), (long long) big,
            n_pass - p0, n_fail - f0, worst_t, worst, now_s() - t0);
 }
 

@@ -504,7 +504,8 @@ ch_x4_plan ch_x4_prepare(const float * v, const float * thr, int64_t n_thr, int6
         int64_t ke = k;
         float m = 0.0f;
         for (; ke < na && (idx[ke] >> 5) == g; ke++) {
-            m = fmaxf(m, fabsf(c[ke]));
+            const float a = fabsf(c[ke]);
+            m = a > m ? a : m; // as fmaxf (m is never NaN), which gcc calls through the PLT
         }
         const float inv = 127.0f / m;
         ch_x4_group * G = &grp[ng++];

@@ -241,3 +241,18 @@ def test_unsupported_architecture(tmp_path, smol_path):
     r = _cli("convert", str(fake), "-o", str(tmp_path / "o.gguf"))
     _expect_clean_error(r, "mamba")
     assert not (tmp_path / "o.gguf").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--calib-tokens", "10"), "--calib-tokens: expected an integer >= 1024, got '10'"),
+    (("--ctx", "8"), "--ctx: expected an integer >= 64, got '8'"),
+    (("--threads", "0"), "--threads: expected an integer >= 1, got '0'"),
+    (("--threads", "two"), "--threads: expected an integer >= 1, got 'two'"),
+    (("--calib-tokens", "2048", "--ctx", "4096"), "--calib-tokens 2048 is shorter than one --ctx 4096 window"),
+])
+def test_convert_refuses_meaningless_arguments(smol_path, tmp_path, args, needle):
+    out = tmp_path / "s.gguf"
+    r = _cli("convert", str(smol_path), "-o", str(out), "-q", *args)
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("python -m chess_gguf convert: error:"), r.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -326,7 +326,6 @@ CH_INLINE void ch_up_rows_k512(const int kind, const int NR, const uint8_t * con
     }
     for (int64_t b = 0; b < nsb; b++) {
         const ch_upk512 * xb = X + b;
-#pragma GCC unroll 2 // the rows' accumulators stay in registers (a loop over r keeps them in memory)
         for (int r = 0; r < NR; r++) {
             const uint8_t * sb = rows[r] + b * ts;
             if (ahead) ch_pf_span(ahead[r] + b * ts, ts);
@@ -385,7 +384,6 @@ CH_INLINE void ch_up_rows_q6k512(const int NR, const uint8_t * const * rows, con
         memcpy(&dx, xb, 4);
         const int8_t * x8 = (const int8_t *) (xb + 4);
         const __m256i bs = _mm256_loadu_si256((const __m256i *) (xb + 260)); // int16 bsums[16]
-#pragma GCC unroll 2
         for (int r = 0; r < NR; r++) {
             const uint8_t * sb = rows[r] + b * 210;
             if (ahead) ch_pf_span(ahead[r] + b * 210, 210);

@@ -160,15 +160,22 @@ def parse_methods(s: str) -> list[str]:
     return out
 
 
-def positive_int(s: str) -> int:
-    """argparse type: an integer >= 1 (shared by the CLI's commands)."""
-    try:
-        v = int(s)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
+def at_least(n: int):
+    """argparse type: an integer >= n (shared by the CLI's commands)."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            v = n - 1
+        if v < n:
+            want = "a positive integer" if n == 1 else f"an integer >= {n}"
+            raise argparse.ArgumentTypeError(f"expected {want}, got {s!r}")
+        return v
+    parse.__name__ = "positive_int" if n == 1 else f"integer >= {n}"
+    return parse
+
+
+positive_int = at_least(1)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

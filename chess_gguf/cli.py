@@ -144,19 +144,6 @@ MIN_CALIB_TOKENS = 1024
 MIN_CTX = 64
 
 
-def _at_least(n: int):
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {n}, got {s!r}") from None
-        if v < n:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {n}, got {s!r}")
-        return v
-    parse.__name__ = f"integer >= {n}"
-    return parse
-
-
 def cmd_libdir(args: argparse.Namespace) -> int:
     from .interop import lib_dir
     print(lib_dir())
@@ -164,6 +151,8 @@ def cmd_libdir(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .bench import add_arguments as bench_arguments, at_least, positive_int  # standard library only at import
+
     ap = argparse.ArgumentParser(prog="python -m chess_gguf",
                                  description="CHESS activation sparsity for llama.cpp GGUF models on CPU.")
     ap.add_argument("--version", action="version", version=f"chess_gguf {__version__}")
@@ -177,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-n", type=int, default=64, help="number of tokens to generate (default 64)")
     g.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    g.add_argument("--threads", type=_at_least(1), default=None, help="CPU threads (default: all cores)")
+    g.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
     g.add_argument("--ctx", type=int, default=2048, help="context size (default 2048)")
     g.add_argument("--level", default=None,
                    help="CHESS level: off, default or a level stored in the file (default: $CHESS_LEVEL or the file's)")
@@ -199,11 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--default-level", type=float, default=0.5, help="level used when none is chosen (default 0.5)")
     c.add_argument("--calib", nargs="+", metavar="FILE",
                    help="calibration text files (default: the built-in Wikipedia calibration split)")
-    c.add_argument("--calib-tokens", type=_at_least(MIN_CALIB_TOKENS), default=65536,
+    c.add_argument("--calib-tokens", type=at_least(MIN_CALIB_TOKENS), default=65536,
                    help=f"calibration tokens (default 65536, at least {MIN_CALIB_TOKENS} and --ctx)")
-    c.add_argument("--ctx", type=_at_least(MIN_CTX), default=512,
+    c.add_argument("--ctx", type=at_least(MIN_CTX), default=512,
                    help=f"calibration window in tokens (default 512, at least {MIN_CTX})")
-    c.add_argument("--threads", type=_at_least(1), default=None, help="CPU threads (default: all cores)")
+    c.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
     c.add_argument("--stat", choices=["mean-abs", "rms"], default="mean-abs",
                    help="per-channel statistic m_i of |u_i| (default mean-abs, as in the paper)")
     c.add_argument("--rule", choices=["auto", "chess", "wchess", "cats"], default="auto",
@@ -238,10 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", help="CHESS GGUF file")
     i.add_argument("--text", help="text file to measure realised sparsity on")
     i.add_argument("--json", action="store_true", help="print one JSON object")
-    i.add_argument("--threads", type=_at_least(1), default=None, help="CPU threads (default: all cores)")
+    i.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
     i.set_defaults(fn=cmd_inspect)
 
-    from .bench import add_arguments as bench_arguments, positive_int  # standard library only at import
     b = sub.add_parser("bench", help="decode and prompt speed per CHESS level against off",
                        description="Decode (128 tokens) and prompt (256 tokens) speed of a CHESS file for each "
                                    "method and level, interleaved with dense (off) runs in one context: medians, "
@@ -281,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ctx", type=positive_int, default=512, help="perplexity window in tokens (default 512)")
     e.add_argument("--out", metavar="DIR", help="also write results.json, results.md and PNG plots into DIR")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of the Markdown table")
-    e.add_argument("--threads", type=_at_least(1), default=None, help="CPU threads (default: all cores)")
+    e.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-row timing on stderr")
     e.set_defaults(fn=cmd_eval)
 

@@ -246,8 +246,8 @@ def test_unsupported_architecture(tmp_path, smol_path):
 @pytest.mark.parametrize("args,needle", [
     (("--calib-tokens", "10"), "--calib-tokens: expected an integer >= 1024, got '10'"),
     (("--ctx", "8"), "--ctx: expected an integer >= 64, got '8'"),
-    (("--threads", "0"), "--threads: expected an integer >= 1, got '0'"),
-    (("--threads", "two"), "--threads: expected an integer >= 1, got 'two'"),
+    (("--threads", "0"), "--threads: expected a positive integer, got '0'"),
+    (("--threads", "two"), "--threads: expected a positive integer, got 'two'"),
     (("--calib-tokens", "2048", "--ctx", "4096"), "--calib-tokens 2048 is shorter than one --ctx 4096 window"),
 ])
 def test_convert_refuses_meaningless_arguments(smol_path, tmp_path, args, needle):

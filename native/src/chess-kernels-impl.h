@@ -91,6 +91,14 @@ static inline void ch_prefetch_bytes(const char * p, size_t n) {
     }
 }
 
+// the lines that START within [p, p + n): a row prefetched piece by piece (one super-block per step)
+// without issuing the line two pieces share twice; the caller prefetches the row's first line
+static inline void ch_prefetch_span(const void * p, size_t n) {
+    for (uintptr_t a = ((uintptr_t) p + 63) & ~(uintptr_t) 63; a < (uintptr_t) p + n; a += 64) {
+        CH_PREFETCH((const char *) a);
+    }
+}
+
 #define CH_TILE_COLS 2048 // output columns per pass over the active rows (8 KB of y: stays in L1)
 
 // ---- routes: an ISA file offers a fast route for a type, or NULL (then the generic one runs) ----

@@ -299,13 +299,6 @@ static inline __m512i ch_madd_acc512(__m512i acc, __m512i a, __m512i b) {
 #endif
 }
 
-// the lines that start within [p, p + n) (the row's first line is prefetched once per row)
-CH_INLINE void ch_pf_span(const uint8_t * p, size_t n) {
-    for (uintptr_t a = ((uintptr_t) p + 63) & ~(uintptr_t) 63; a < (uintptr_t) p + n; a += 64) {
-        CH_PREFETCH((const char *) a);
-    }
-}
-
 #define CH_V16(a, b) _mm512_inserti64x4(_mm512_set1_epi16(a), _mm256_set1_epi16(b), 1)
 
 CH_INLINE void ch_up_rows_k512(const int kind, const int NR, const uint8_t * const * rows, const uint8_t * const * ahead,
@@ -328,7 +321,7 @@ CH_INLINE void ch_up_rows_k512(const int kind, const int NR, const uint8_t * con
         const ch_upk512 * xb = X + b;
         for (int r = 0; r < NR; r++) {
             const uint8_t * sb = rows[r] + b * ts;
-            if (ahead) ch_pf_span(ahead[r] + b * ts, ts);
+            if (ahead) ch_prefetch_span(ahead[r] + b * ts, ts);
             const __m256i s16 = ch_q4k_scales16(sb + 4);
             const __m128i mm = _mm_madd_epi16(_mm256_extracti128_si256(s16, 1), xb->bs32);
             const __m512i sc = _mm512_castsi256_si512(s16);
@@ -386,7 +379,7 @@ CH_INLINE void ch_up_rows_q6k512(const int NR, const uint8_t * const * rows, con
         const __m256i bs = _mm256_loadu_si256((const __m256i *) (xb + 260)); // int16 bsums[16]
         for (int r = 0; r < NR; r++) {
             const uint8_t * sb = rows[r] + b * 210;
-            if (ahead) ch_pf_span(ahead[r] + b * 210, 210);
+            if (ahead) ch_prefetch_span(ahead[r] + b * 210, 210);
             const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *) (sb + 192)));
             const __m512i sc = _mm512_castsi256_si512(sc16);
             __m512i isl = _mm512_setzero_si512(), ish = _mm512_setzero_si512();
@@ -444,15 +437,15 @@ CH_INLINE void ch_up_drive(const int kind, const char * w, size_t nb1, int64_t n
             ahead[r] = pf ? (const uint8_t *) w + (size_t) kept[i + CH_UP_PF_ROWS + r] * nb1 : NULL;
         }
 #if defined(CHESS_AVX512)
-        if (k512 && kind == CH_UQ6_K) {
-            if (nr == 2) ch_up_rows_q6k512(2, rows, pf ? ahead : NULL, nb, (const uint8_t *) xq, s + i);
-            else         ch_up_rows_q6k512(1, rows, pf ? ahead : NULL, nb, (const uint8_t *) xq, s + i);
-            i += nr;
-            continue;
-        }
         if (k512) {
-            if (nr == 2) ch_up_rows_k512(kind, 2, rows, pf ? ahead : NULL, nb, XK, s + i);
-            else         ch_up_rows_k512(kind, 1, rows, pf ? ahead : NULL, nb, XK, s + i);
+            const uint8_t * const * a = pf ? ahead : NULL;
+            if (kind == CH_UQ6_K) {
+                if (nr == 2) ch_up_rows_q6k512(2, rows, a, nb, (const uint8_t *) xq, s + i);
+                else         ch_up_rows_q6k512(1, rows, a, nb, (const uint8_t *) xq, s + i);
+            } else {
+                if (nr == 2) ch_up_rows_k512(kind, 2, rows, a, nb, XK, s + i);
+                else         ch_up_rows_k512(kind, 1, rows, a, nb, XK, s + i);
+            }
             i += nr;
             continue;
         }

@@ -27,6 +27,7 @@ from .thresholds import FINE_BINS, HIST_BINS, act, hist_index
 SUPPORTED_ARCHS = {
     "llama": "silu", "mistral3": "silu", "qwen2": "silu", "qwen3": "silu",
     "gemma": "gelu", "gemma2": "gelu", "gemma3": "gelu",
+    "smollm3": "silu", "granite": "silu", "exaone": "silu", "olmo2": "silu", "phi3": "silu", "glm4": "silu",
 }
 
 NODE_RE = re.compile(r"^(ffn_gate|ffn_up|attn_norm|kqv_out|ffn_inp)-(\d+)$")

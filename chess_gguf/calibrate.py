@@ -30,7 +30,26 @@ SUPPORTED_ARCHS = {
     "smollm3": "silu", "granite": "silu", "exaone": "silu", "olmo2": "silu", "phi3": "silu", "glm4": "silu",
 }
 
-NODE_RE = re.compile(r"^(ffn_gate|ffn_up|attn_norm|kqv_out|ffn_inp)-(\d+)$")
+# Architectures whose ffn_up holds gate and up (gate rows first, SwiGLU): the ffn_up node is both.
+FUSED_UP = {"phi3", "glm4"}
+# Architectures without attn_norm: W_q reads the residual stream itself, i.e. the previous layer's
+# output (l_out-(il-1)) or, in layer 0, the embeddings (embd).
+NO_ATTN_NORM = {"olmo2"}
+
+NODE_RE = re.compile(r"^(ffn_gate|ffn_up|attn_norm|kqv_out|ffn_inp|l_out)-(\d+)$")
+
+
+def node_of(name: str, arch: str) -> Optional[tuple[str, int]]:
+    """(statistic, layer) a graph node feeds for `arch`, or None."""
+    if arch in NO_ATTN_NORM and name == "embd":
+        return "attn_norm", 0
+    m = NODE_RE.match(name)
+    if m is None:
+        return None
+    kind, il = m.group(1), int(m.group(2))
+    if kind == "l_out":
+        return ("attn_norm", il + 1) if arch in NO_ATTN_NORM else None
+    return kind, il
 
 
 @dataclass
@@ -89,9 +108,18 @@ def calibrate(model: Model, tokens: Sequence[int], *, ctx: int = 512, threads: O
     cur = {"keep": None, "row0": 0, "skip": 0}
 
     def on_node(name: str, x: np.ndarray) -> None:
-        kind_, il = NODE_RE.match(name).groups()
-        il = int(il)
+        kind_, il = node_of(name, arch)
+        if il >= n_layer:  # the last layer's output
+            return
         x = x[cur["skip"]:]  # drop the BOS row
+        if kind_ == "ffn_up" and arch in FUSED_UP:
+            n = x.shape[1] // 2
+            take("ffn_gate", il, x[:, :n])
+            take("ffn_up", il, x[:, n:])
+        else:
+            take(kind_, il, x)
+
+    def take(kind_: str, il: int, x: np.ndarray) -> None:
         while len(st.layers) <= il:
             st.layers.append(LayerStats())
         L = st.layers[il]
@@ -127,8 +155,8 @@ def calibrate(model: Model, tokens: Sequence[int], *, ctx: int = 512, threads: O
             getattr(L, attr)[rows] = ax[cur["keep"]]
 
     def wants(name: str) -> bool:
-        m = NODE_RE.match(name)
-        return m is not None and (m.group(1) != "ffn_inp" or keep_signed)
+        k = node_of(name, arch)
+        return k is not None and k[1] < n_layer and (k[0] != "ffn_inp" or keep_signed)
 
     bar = None
     if progress:

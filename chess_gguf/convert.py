@@ -162,13 +162,20 @@ AUTO_LEVELS = (0.5, 0.7)   # the levels scored (those stored; else the default l
 AUTO_TOKENS = 2048         # held-out calibration tokens: windows of --ctx, second halves scored
 
 
-def threshold_tensors(thr: list[dict], attention: bool) -> list[tuple]:
+def fused_qkv(reader, il: int) -> bool:
+    """Layer il keeps W_q, W_k, W_v in one attn_qkv tensor (phi3 files): no input-sparse W_q there."""
+    names = {t.name for t in reader.tensors}
+    return f"blk.{il}.attn_qkv.weight" in names and f"blk.{il}.attn_q.weight" not in names
+
+
+def threshold_tensors(thr: list[dict], attention: bool, no_q: Sequence[int] = ()) -> list[tuple]:
     out = []
     for il, t in enumerate(thr):
         out.append((f"blk.{il}.chess_ffn_tau", np.ascontiguousarray(t["ffn_tau"], dtype=np.float32), None))
         out.append((f"blk.{il}.chess_ffn_cats", t["ffn_cats"].astype(np.float32), None))
         if attention:
-            out.append((f"blk.{il}.chess_thr_q", t["attn_q"].astype(np.float32), None))
+            if il not in no_q:
+                out.append((f"blk.{il}.chess_thr_q", t["attn_q"].astype(np.float32), None))
             out.append((f"blk.{il}.chess_thr_o", t["attn_o"].astype(np.float32), None))
     return out
 
@@ -201,7 +208,7 @@ def choose_rule(reader, out_p: Path, kv: dict, cands: dict[str, list[dict]], att
     with gguf_io.sigterm_as_interrupt():
         try:
             try:
-                gguf_io.write_with_extras(reader, tmp, kv, threshold_tensors(first, attention) + wts, progress=False,
+                gguf_io.write_with_extras(reader, tmp, kv, threshold_tensors(first, attention, [il for il in range(len(first)) if fused_qkv(reader, il)]) + wts, progress=False,
                                           drop=drop)
             except ValueError as e:  # full disk and the like: name the output the user asked for
                 raise ValueError(f"{out_p}: choosing the rule: {e}") from None
@@ -241,6 +248,8 @@ def transposed_tensors(reader, n_layer: int, wt_type: Optional[QT], progress: bo
     for il in range(n_layer):
         for src, dst in (("ffn_down", "chess_wt_down"), ("attn_q", "chess_wt_q"), ("attn_output", "chess_wt_o")):
             name = f"blk.{il}.{src}.weight"
+            if src == "attn_q" and fused_qkv(reader, il):
+                continue  # W_q inside attn_qkv: that layer's W_q stays dense
             if name not in by_name:
                 raise ValueError(f"{reader.data.filename}: tensor {name} missing")
             jobs.append((name, f"blk.{il}.{dst}"))
@@ -340,6 +349,7 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
                                         lambda il: gguf_io.tensor_f32(reader, f"blk.{il}.ffn_down.weight"), opt.budget_span)
         cands[rule] = compute_thresholds(st, levels, opt.stat, rule, col, layer_levels)
     wts = transposed_tensors(reader, n_layer, wt_type, opt.progress, opt.layout, exact=opt.wt_type in (None, "x4"))
+    no_q = [il for il in range(n_layer) if fused_qkv(reader, il)]
     if not opt.attention:
         wts = [w for w in wts if w[0].endswith("chess_wt_down")]
     drop = set()
@@ -377,7 +387,7 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
     rule = min(scores, key=scores.get) if scores else next(iter(cands))
     kv["chess.rule"] = (rule, VT.STRING, None)
     thr = cands[rule]
-    tensors = threshold_tensors(thr, opt.attention)
+    tensors = threshold_tensors(thr, opt.attention, no_q)
     gguf_io.write_with_extras(reader, out_p, kv, tensors + wts, progress=opt.progress, drop=drop)
     sp = calib_sparsity(st, thr, levels)
     size_in, size_out = inp_p.stat().st_size, out_p.stat().st_size

@@ -193,11 +193,19 @@ static chess_op_params * op_params(chess_state * st, int il, int slot) {
 ggml_tensor * chess_build_ffn(ggml_context * ctx, chess_state * st, int il, int64_t n_batch, ggml_tensor * x,
                               ggml_tensor * gate, ggml_tensor * up, enum chess_act act, const chess_name_cb & cb) {
     const int64_t n_tok = x->ne[1];
-    if (!st || !st->active(il, CHESS_PART_FFN, n_batch) || !gate || !up || x->type != GGML_TYPE_F32 ||
+    if (!st || !st->active(il, CHESS_PART_FFN, n_batch) || !up || x->type != GGML_TYPE_F32 ||
         !chess_type_supported(up->type) || !chess_wt_supported(st->layers[il].wt_down->type)) {
         return nullptr;
     }
     const chess_layer & L = st->layers[il];
+    if (!gate) { // fused (phi3, glm4): the gate's rows first, then up's; row views need no copy
+        const int64_t n = chess_wt_n_in(L.wt_down->type, L.wt_down->ne[1]); // n_ff
+        if (up->ne[1] != 2 * n) {
+            return nullptr;
+        }
+        gate = ggml_view_2d(ctx, up, up->ne[0], n, up->nb[1], 0);
+        up   = ggml_view_2d(ctx, up, up->ne[0], n, up->nb[1], n * up->nb[1]);
+    }
     const int64_t n_ff = up->ne[1];
     ggml_tensor * thr = st->method == CHESS_METHOD_CATS
         ? ggml_view_1d(ctx, L.ffn_cats, 1, st->level * sizeof(float))

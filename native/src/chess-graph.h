@@ -80,6 +80,7 @@ using chess_name_cb = std::function<void(ggml_tensor *, const char *, int)>; // 
 
 // Sparse FFN for a parallel-gated SiLU/GELU FFN with no biases, scales or adapters:
 // dense gate -> act -> per-channel (or CATS) mask -> output-sparse up -> input-sparse down.
+// gate = nullptr: `up` is a fused [n_embd, 2 n_ff] gate+up tensor (SwiGLU; the gate's rows first).
 // n_batch: tokens in the batch (ubatch), which decides decode vs prompt; x may hold fewer rows
 // (the last layer only computes the rows whose outputs are wanted).
 // Returns nullptr when this layer/batch should take the dense path.

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .runtime import Context, Model
+from .runtime import Context, Model, RuntimeError_
 from .thresholds import FINE_BINS, HIST_BINS, act, hist_index
 
 # llama.cpp architectures whose FFN is built with a parallel gate (build_ffn, LLM_FFN_PAR).
@@ -179,6 +179,6 @@ def calibrate(model: Model, tokens: Sequence[int], *, ctx: int = 512, threads: O
     missing = [i for i in range(n_layer) if i >= len(st.layers) or st.layers[i].sum_abs_u.size == 0
                or st.layers[i].hist_a.shape[0] == 0 or not st.layers[i].hist_q.any() or not st.layers[i].hist_o.any()]
     if missing:
-        raise RuntimeError(f"{model.path}: calibration saw no ffn_gate/ffn_up/attn_norm/kqv_out nodes for layers "
+        raise RuntimeError_(f"{model.path}: calibration saw no ffn_gate/ffn_up/attn_norm/kqv_out nodes for layers "
                            f"{missing[:8]}{'...' if len(missing) > 8 else ''}: is this a gated-FFN model?")
     return st

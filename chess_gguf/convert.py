@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -162,6 +163,24 @@ AUTO_LEVELS = (0.5, 0.7)   # the levels scored (those stored; else the default l
 AUTO_TOKENS = 2048         # held-out calibration tokens: windows of --ctx, second halves scored
 
 
+def check_supported(reader, path: Path) -> str:
+    """The file's architecture if CHESS covers it: a gated FFN that llama.cpp builds with build_ffn
+    and no biases (the sparse route replaces exactly that), no mixture of experts. Else one error
+    naming the file, the architecture and what is supported."""
+    arch = gguf_io.field_value(reader, "general.architecture")
+    supported = f"supported: dense gated-FFN architectures {', '.join(sorted(SUPPORTED_ARCHS))}"
+    if arch not in SUPPORTED_ARCHS:
+        raise ValueError(f"{path}: architecture {arch!r} is not supported ({supported})")
+    names = [t.name for t in reader.tensors]
+    if (gguf_io.field_value(reader, f"{arch}.expert_count") or 0) > 0 or any("_exps." in n for n in names):
+        raise ValueError(f"{path}: {arch} with mixture-of-experts FFNs is not supported ({supported}, without experts)")
+    biased = sorted({n.split(".")[2] for n in names if re.fullmatch(r"blk\.\d+\.ffn_(gate|up|down)\.bias", n)})
+    if biased:
+        raise ValueError(f"{path}: {arch} with FFN biases ({', '.join(biased)}) is not supported ({supported}, "
+                         "without FFN biases)")
+    return arch
+
+
 def fused_qkv(reader, il: int) -> bool:
     """Layer il keeps W_q, W_k, W_v in one attn_qkv tensor (phi3 files): no input-sparse W_q there."""
     names = {t.name for t in reader.tensors}
@@ -302,10 +321,7 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
     if gguf_io.field_value(reader, "chess.version") is not None and not opt.force:
         raise ValueError(f"{inp_p}: already a CHESS file (use --force to convert it again)")
     check_paths(inp_p, out_p, opt.force)
-    arch = gguf_io.field_value(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise ValueError(f"{inp_p}: architecture {arch!r} is not supported "
-                         f"(supported: {', '.join(sorted(SUPPORTED_ARCHS))})")
+    arch = check_supported(reader, inp_p)
     wt_type = None  # default x4: exact copies of 4-bit originals, the rule for the rest
     if opt.wt_type and opt.wt_type not in ("x4", "requant"):
         try:

@@ -36,6 +36,8 @@ class Shape:
     n_head_kv: int = 2
     head_dim: int = 0          # 0: n_embd // n_head
     ctx: int = 4096
+    n_expert: int = 0          # > 0: mixture-of-experts FFNs (ffn_*_exps, a router), 2 experts per token
+    ffn_bias: bool = False     # biases on W_gate, W_up, W_down
 
     @property
     def hd(self) -> int:
@@ -52,6 +54,8 @@ class Arch:
     head: str = "own"             # "own": output.weight; "tied": never one (the embedding is the head)
     fused_qkv: bool = False       # one attn_qkv tensor (phi3)
     fused_up: bool = False        # ffn_up holds gate and up, gate rows first; no ffn_gate (phi3, glm4)
+    gated: bool = True            # False: up -> act -> down, no gate (starcoder2: for refusals)
+    layer_norm: bool = False      # LayerNorm with biases, biases on W_o and the FFN too (starcoder2)
     extra_kv: dict = field(default_factory=dict)
 
 
@@ -70,6 +74,7 @@ ARCHS = {
     "olmo2": Arch(pre_norms=False, qk_norm="full", post_norms=True),
     "exaone": Arch(),
     "glm4": Arch(fused_up=True, post_norms=True),
+    "starcoder2": Arch(qkv_bias=True, gated=False, layer_norm=True),  # no gate: convert refuses it
 }
 
 # Type of each weight kind per mix. q4_k_m follows llama-quantize's Q4_K_M: Q6_K output head, Q6_K
@@ -107,12 +112,16 @@ def tensors(arch: Arch, s: Shape, vocab: int, tied: bool):
     q, kv = s.n_head * s.hd, s.n_head_kv * s.hd
     yield "token_embd.weight", "token_embd", -1, (s.n_embd, vocab)
     yield "output_norm.weight", "norm", -1, (s.n_embd,)
+    if arch.layer_norm:
+        yield "output_norm.bias", "bias", -1, (s.n_embd,)
     if not tied and arch.head != "tied":
         yield "output.weight", "output", -1, (s.n_embd, vocab)
     for il in range(s.n_layer):
         b = f"blk.{il}."
         if arch.pre_norms:
             yield b + "attn_norm.weight", "norm", il, (s.n_embd,)
+            if arch.layer_norm:
+                yield b + "attn_norm.bias", "bias", il, (s.n_embd,)
         if arch.fused_qkv:
             yield b + "attn_qkv.weight", "attn_qkv", il, (s.n_embd, q + 2 * kv)
         else:
@@ -125,16 +134,30 @@ def tensors(arch: Arch, s: Shape, vocab: int, tied: bool):
             yield b + "attn_q_norm.weight", "norm", il, (q if full else s.hd,)
             yield b + "attn_k_norm.weight", "norm", il, (kv if full else s.hd,)
         yield b + "attn_output.weight", "attn_output", il, (q, s.n_embd)
+        if arch.layer_norm:
+            yield b + "attn_output.bias", "bias", il, (s.n_embd,)
         if arch.post_norms:
             yield b + "post_attention_norm.weight", "norm", il, (s.n_embd,)
         if arch.pre_norms:
             yield b + "ffn_norm.weight", "norm", il, (s.n_embd,)
-        if arch.fused_up:
-            yield b + "ffn_up.weight", "ffn_up", il, (s.n_embd, 2 * s.n_ff)
+            if arch.layer_norm:
+                yield b + "ffn_norm.bias", "bias", il, (s.n_embd,)
+        if s.n_expert:
+            yield b + "ffn_gate_inp.weight", "router", il, (s.n_embd, s.n_expert)
+            yield b + "ffn_gate_exps.weight", "ffn_gate", il, (s.n_embd, s.n_ff, s.n_expert)
+            yield b + "ffn_up_exps.weight", "ffn_up", il, (s.n_embd, s.n_ff, s.n_expert)
+            yield b + "ffn_down_exps.weight", "ffn_down", il, (s.n_ff, s.n_embd, s.n_expert)
+        elif arch.fused_up or not arch.gated:
+            yield b + "ffn_up.weight", "ffn_up", il, (s.n_embd, (2 if arch.fused_up else 1) * s.n_ff)
         else:
             yield b + "ffn_gate.weight", "ffn_gate", il, (s.n_embd, s.n_ff)
             yield b + "ffn_up.weight", "ffn_up", il, (s.n_embd, s.n_ff)
-        yield b + "ffn_down.weight", "ffn_down", il, (s.n_ff, s.n_embd)
+        if not s.n_expert:
+            yield b + "ffn_down.weight", "ffn_down", il, (s.n_ff, s.n_embd)
+        if s.ffn_bias or arch.layer_norm:
+            for n, rows in (("ffn_gate", s.n_ff), ("ffn_up", s.n_ff), ("ffn_down", s.n_embd)):
+                if n != "ffn_gate" or arch.gated:
+                    yield b + n + ".bias", "bias", il, (rows,)
         if arch.post_norms:
             yield b + "post_ffw_norm.weight", "norm", il, (s.n_embd,)
 
@@ -171,7 +194,10 @@ def generate(arch_name: str, out: Path, shape: Shape = Shape(), mix: str = "q4_k
     w.add_uint32(f"{a}.feed_forward_length", shape.n_ff)
     w.add_uint32(f"{a}.attention.head_count", shape.n_head)
     w.add_uint32(f"{a}.attention.head_count_kv", shape.n_head_kv)
-    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)
+    if shape.n_expert:
+        w.add_uint32(f"{a}.expert_count", shape.n_expert)
+        w.add_uint32(f"{a}.expert_used_count", 2)
+    w.add_float32(f"{a}.attention.layer_norm_{'' if arch.layer_norm else 'rms_'}epsilon", 1e-6)
     if shape.head_dim:
         w.add_uint32(f"{a}.attention.key_length", shape.hd)
         w.add_uint32(f"{a}.attention.value_length", shape.hd)
@@ -187,13 +213,13 @@ def generate(arch_name: str, out: Path, shape: Shape = Shape(), mix: str = "q4_k
         if kind == "bias":
             w.add_tensor(name, (0.1 * rng.standard_normal(ne[0])).astype(np.float32))
             continue
-        row, rows = ne
+        row, rows = ne[0], int(np.prod(ne[1:]))
         t = tensor_type(m, kind, il, shape.n_layer, row, tied or arch.head == "tied")
         x = rng.standard_normal((rows, row), dtype=np.float32)
         # N(0, 1/row): the input of every layer is O(1) per element; a tied embedding (gemma scales
         # it up by sqrt(n_embd)) smaller still, else the head echoes the input token
         x *= row ** -0.5 if not (kind == "token_embd" and (tied or arch.head == "tied")) else 1.0 / row
-        data = np.frombuffer(quantize_rows(x, int(t)), dtype=np.uint8).reshape(rows, -1)
+        data = np.frombuffer(quantize_rows(x, int(t)), dtype=np.uint8).reshape(*ne[:0:-1], -1)
         w.add_tensor(name, data, raw_shape=list(data.shape), raw_dtype=t)
         if progress:
             print(f"\r{i + 1}/{len(specs)} {name}", end="", file=sys.stderr, flush=True)
@@ -212,14 +238,15 @@ def main(argv=None) -> int:
     ap.add_argument("arch", choices=sorted(ARCHS))
     ap.add_argument("-o", "--out", required=True)
     d = Shape()
-    for f in ("n_embd", "n_ff", "n_layer", "n_head", "n_head_kv", "head_dim", "ctx"):
+    for f in ("n_embd", "n_ff", "n_layer", "n_head", "n_head_kv", "head_dim", "ctx", "n_expert"):
         ap.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(d, f))
+    ap.add_argument("--ffn-bias", action="store_true", help="biases on W_gate, W_up, W_down")
     ap.add_argument("--mix", choices=sorted(MIXES), default="q4_k_m")
     ap.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, help="GGUF whose tokenizer is copied")
     ap.add_argument("--tied", action="store_true", help="no output.weight (the head is token_embd)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    shape = Shape(a.n_embd, a.n_ff, a.n_layer, a.n_head, a.n_head_kv, a.head_dim, a.ctx)
+    shape = Shape(a.n_embd, a.n_ff, a.n_layer, a.n_head, a.n_head_kv, a.head_dim, a.ctx, a.n_expert, a.ffn_bias)
     generate(a.arch, Path(a.out), shape, a.mix, a.tokenizer, a.tied, a.seed, progress=True)
     return 0
 

@@ -122,3 +122,19 @@ def test_zero_thresholds_are_dense(files, arch, tmp_path):
     sparse, _ = logits(conv, "0.3")  # the contrast: what dropping 30% of the channels does
     err, drop = nmse(dense, kept_all), nmse(dense, sparse)
     assert err < 2e-3 and drop > 10 * err, (err, drop)
+
+
+@pytest.mark.parametrize("arch,extra,needle", [
+    ("starcoder2", {}, "architecture 'starcoder2' is not supported"),    # no gate: up -> gelu -> down
+    ("llama", {"n_expert": 4}, "llama with mixture-of-experts FFNs"),    # mul_mat_id experts
+    ("qwen3", {"ffn_bias": True}, "qwen3 with FFN biases"),              # the sparse route has no bias
+])
+def test_unsupported_models_are_refused(tmp_path, arch, extra, needle):
+    shape = genmodel.Shape(**{**SHAPE.__dict__, **extra})
+    src = genmodel.generate(arch, tmp_path / f"{arch}.gguf", shape, "q8_0")
+    out = tmp_path / "out.chess.gguf"
+    r = run_cli("convert", src, "-o", out, "--calib-tokens", "1024", "--ctx", "128", "-q")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert needle in lines[0] and str(src) in lines[0] and "supported: dense gated-FFN architectures" in lines[0], lines[0]
+    assert not out.exists() and not list(tmp_path.glob("out*"))

@@ -82,7 +82,8 @@ def decode_bytes(tensors: Mapping[str, int], method: str | None = None,
     tied; token_embd.weight is not counted when a separate output.weight exists (decoding reads
     one of its rows). Sparse (method chess, chess-ffn or cats): in a layer that has the CHESS copy,
     ffn_up counts n_bytes*(1-s_ffn), ffn_down is replaced by chess_wt_down*(1-s_ffn), and for chess
-    attn_q by chess_wt_q*(1-s_q) and attn_output by chess_wt_o*(1-s_o). sparsity: {"ffn", "q", "o"}
+    attn_q by chess_wt_q*(1-s_q) and attn_output by chess_wt_o*(1-s_o); a fused gate+up ffn_up (no
+    ffn_gate) counts its gate half densely. sparsity: {"ffn", "q", "o"}
     -> a fraction or a per-layer list of fractions (NaN/None = that layer runs dense). fixed: bytes of a
     copy read whatever the sparsity (an x4 copy's affine pairs: 4 of its 20 bytes per 32 weights)."""
     if method is not None and method not in SPARSE_PARTS:
@@ -103,6 +104,8 @@ def decode_bytes(tensors: Mapping[str, int], method: str | None = None,
         if part in parts and f"blk.{il}.{gate}" in tensors:
             src = f"blk.{il}.{copy}" if f"blk.{il}.{copy}" in tensors else name  # the copy, or itself
             read, always = tensors[src], (fixed or {}).get(src, 0)
+            if kind == "ffn_up.weight" and f"blk.{il}.ffn_gate.weight" not in tensors:
+                always += read / 2  # fused gate+up (phi3, glm4): the gate's half is read densely
             total += always + (read - always) * (1.0 - _part_sparsity(sparsity, part, il))
         else:
             total += nb

@@ -113,6 +113,18 @@ def test_decode_bytes_per_layer_and_missing_copies():
         decode_bytes(t, "relu", {})
 
 
+def test_decode_bytes_fused_gate_up():
+    """phi3/glm4: one ffn_up of 2 x n_ff rows, gate rows first; only its up half is read sparsely."""
+    t = _tensors(tied=False)
+    for il in (0, 1):
+        t[f"blk.{il}.ffn_up.weight"] += t.pop(f"blk.{il}.ffn_gate.weight")  # 600: gate + up
+    sp = {"ffn": 0.5, "q": 0.25, "o": 0.75}
+    fixed = 4 + 800 + 2 * (2 + 2 + 1 + 20 + 20)
+    want = fixed + 2 * (300 + 300 * 0.5 + 320 * 0.5 + 110 * 0.75 + 120 * 0.25)
+    assert decode_bytes(t, "chess", sp) == pytest.approx(want)
+    assert decode_bytes(t) == decode_bytes(_tensors(tied=False))
+
+
 def test_decode_bytes_compact_layout():
     """Compact: no chess_wt_* copies; ffn_down, attn_q, attn_output are themselves stored transposed
     and read sparsely at their own size."""

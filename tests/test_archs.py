@@ -37,7 +37,7 @@ def files(tmp_path_factory):
         if arch not in made:
             orig = genmodel.generate(arch, root / f"{arch}.gguf", SHAPE, CASES[arch], seed=1)
             conv = root / f"{arch}.chess.gguf"
-            r = run_cli("convert", orig, "-o", conv, "--calib-tokens", "1024", "--ctx", "128", "--levels", "0.3,0.5,0.7",
+            r = run_cli("convert", orig, "-o", conv, "--calib-tokens", "1024", "--ctx", "128", "--levels", "0.3,0.5,0.7", "--rule", "chess",
                         "--threads", "2", "-q")
             assert r.returncode == 0, f"{arch}: convert failed\n{r.stderr}"
             made[arch] = (orig, conv)

@@ -215,8 +215,8 @@ def held_out_nll(path: Path, windows: list[list[int]], levels: Sequence[float], 
     return float(np.mean(per_level))
 
 
-def choose_rule(reader, out_p: Path, kv: dict, cands: dict[str, list[dict]], attention: bool, wts: list[tuple],
-                drop: set, windows: list[list[int]], levels: Sequence[float], threads: Optional[int]) -> dict[str, float]:
+def choose_rule(reader, out_p: Path, kv: dict, cands: dict[str, list[dict]], attention: bool, no_q: Sequence[int],
+                wts: list[tuple], drop: set, windows: list[list[int]], levels: Sequence[float], threads: Optional[int]) -> dict[str, float]:
     """Held-out NLL of each candidate rule's thresholds, through the runtime: the output written once to a
     temporary file (the candidates differ only in chess_ffn_tau, rewritten in place between runs),
     removed afterwards."""
@@ -227,7 +227,7 @@ def choose_rule(reader, out_p: Path, kv: dict, cands: dict[str, list[dict]], att
     with gguf_io.sigterm_as_interrupt():
         try:
             try:
-                gguf_io.write_with_extras(reader, tmp, kv, threshold_tensors(first, attention, [il for il in range(len(first)) if fused_qkv(reader, il)]) + wts, progress=False,
+                gguf_io.write_with_extras(reader, tmp, kv, threshold_tensors(first, attention, no_q) + wts, progress=False,
                                           drop=drop)
             except ValueError as e:  # full disk and the like: name the output the user asked for
                 raise ValueError(f"{out_p}: choosing the rule: {e}") from None
@@ -397,7 +397,7 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
         if opt.progress:
             print(f"choosing the rule ({', '.join(cands)}): held-out NLL of {len(windows)} windows at level(s) "
                   f"{', '.join(f'{x:g}' for x in auto_levels)} ...", file=sys.stderr, flush=True)
-        scores = choose_rule(reader, out_p, kv, cands, opt.attention, wts, drop, windows, auto_levels, opt.threads)
+        scores = choose_rule(reader, out_p, kv, cands, opt.attention, no_q, wts, drop, windows, auto_levels, opt.threads)
         if opt.progress:
             print("  " + ", ".join(f"{r} {v:.4f}" for r, v in scores.items()), file=sys.stderr, flush=True)
     rule = min(scores, key=scores.get) if scores else next(iter(cands))

@@ -181,10 +181,11 @@ def check_supported(reader, path: Path) -> str:
     return arch
 
 
-def fused_qkv(reader, il: int) -> bool:
-    """Layer il keeps W_q, W_k, W_v in one attn_qkv tensor (phi3 files): no input-sparse W_q there."""
+def fused_qkv_layers(reader, n_layer: int) -> list[int]:
+    """Layers that keep W_q, W_k, W_v in one attn_qkv tensor (phi3 files): no input-sparse W_q there."""
     names = {t.name for t in reader.tensors}
-    return f"blk.{il}.attn_qkv.weight" in names and f"blk.{il}.attn_q.weight" not in names
+    return [il for il in range(n_layer)
+            if f"blk.{il}.attn_qkv.weight" in names and f"blk.{il}.attn_q.weight" not in names]
 
 
 def threshold_tensors(thr: list[dict], attention: bool, no_q: Sequence[int] = ()) -> list[tuple]:
@@ -259,7 +260,7 @@ def calib_sparsity(st: CalibStats, thr: list[dict], levels: Sequence[float]) -> 
 
 
 def transposed_tensors(reader, n_layer: int, wt_type: Optional[QT], progress: bool, layout: str = "dual",
-                       exact: bool = False) -> list[tuple]:
+                       exact: bool = False, no_q: Sequence[int] = ()) -> list[tuple]:
     """Transposed copies of W_down, W_q, W_o for every layer: requantized, or with `exact` the x4
     layout (I8 rows, chess_gguf/x4.py) where the original is 4-bit."""
     by_name = {t.name: t for t in reader.tensors}
@@ -267,7 +268,7 @@ def transposed_tensors(reader, n_layer: int, wt_type: Optional[QT], progress: bo
     for il in range(n_layer):
         for src, dst in (("ffn_down", "chess_wt_down"), ("attn_q", "chess_wt_q"), ("attn_output", "chess_wt_o")):
             name = f"blk.{il}.{src}.weight"
-            if src == "attn_q" and fused_qkv(reader, il):
+            if src == "attn_q" and il in no_q:
                 continue  # W_q inside attn_qkv: that layer's W_q stays dense
             if name not in by_name:
                 raise ValueError(f"{reader.data.filename}: tensor {name} missing")
@@ -364,8 +365,9 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
             layer_levels = layer_budget(st, levels, opt.stat, rule, col,
                                         lambda il: gguf_io.tensor_f32(reader, f"blk.{il}.ffn_down.weight"), opt.budget_span)
         cands[rule] = compute_thresholds(st, levels, opt.stat, rule, col, layer_levels)
-    wts = transposed_tensors(reader, n_layer, wt_type, opt.progress, opt.layout, exact=opt.wt_type in (None, "x4"))
-    no_q = [il for il in range(n_layer) if fused_qkv(reader, il)]
+    no_q = fused_qkv_layers(reader, n_layer)
+    wts = transposed_tensors(reader, n_layer, wt_type, opt.progress, opt.layout, exact=opt.wt_type in (None, "x4"),
+                             no_q=no_q)
     if not opt.attention:
         wts = [w for w in wts if w[0].endswith("chess_wt_down")]
     drop = set()

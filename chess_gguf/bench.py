@@ -35,7 +35,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-METHODS = ("chess", "chess-ffn", "cats")
+from .options import METHODS, PREFILLS, arg, parse_levels, parse_methods, positive_int
+
 # Which parts each method sparsifies (names of the realised-sparsity dict).
 SPARSE_PARTS = {"chess": ("ffn", "q", "o"), "chess-ffn": ("ffn",), "cats": ("ffn",)}
 # realised-sparsity name -> Context.chess_stats() name
@@ -48,16 +49,6 @@ MEMORY_PROMPT = "The history of the city begins in the Roman period, when a smal
 MEMORY_TOKENS = 64
 
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
-# A per-layer weight that decoding reads sparsely: (realised-sparsity part, the threshold tensor
-# whose presence makes the layer run that part sparsely, the transposed copy read instead in the
-# dual layout: None = the tensor itself, row by row (ffn_up; and all three in the compact layout,
-# where the originals are stored transposed)).
-_SPARSE_READS = {
-    "ffn_up.weight": ("ffn", "chess_ffn_tau", None),
-    "ffn_down.weight": ("ffn", "chess_ffn_tau", "chess_wt_down"),
-    "attn_q.weight": ("q", "chess_thr_q", "chess_wt_q"),
-    "attn_output.weight": ("o", "chess_thr_o", "chess_wt_o"),
-}
 
 
 # --- pure arithmetic ----------------------------------------------------------------------------
@@ -86,6 +77,7 @@ def decode_bytes(tensors: Mapping[str, int], method: str | None = None,
     ffn_gate) counts its gate half densely. sparsity: {"ffn", "q", "o"}
     -> a fraction or a per-layer list of fractions (NaN/None = that layer runs dense). fixed: bytes of a
     copy read whatever the sparsity (an x4 copy's affine pairs: 4 of its 20 bytes per 32 weights)."""
+    from .format import SPARSE_READS
     if method is not None and method not in SPARSE_PARTS:
         raise ValueError(f"unknown method {method!r} (expected one of {', '.join(METHODS)})")
     parts = SPARSE_PARTS[method] if method else ()
@@ -100,7 +92,7 @@ def decode_bytes(tensors: Mapping[str, int], method: str | None = None,
         il, kind = int(m.group(1)), m.group(2)
         if kind.startswith("chess_"):
             continue  # counted in place of the original it replaces
-        part, gate, copy = _SPARSE_READS.get(kind, (None, None, None))
+        part, gate, copy = SPARSE_READS.get(kind, (None, None, None))
         if part in parts and f"blk.{il}.{gate}" in tensors:
             src = f"blk.{il}.{copy}" if f"blk.{il}.{copy}" in tensors else name  # the copy, or itself
             read, always = tensors[src], (fixed or {}).get(src, 0)
@@ -126,61 +118,6 @@ def speedup_key(method: str, level: str, methods: Sequence[str]) -> str:
 
 # --- arguments ------------------------------------------------------------------------------------
 
-def _level_name(x: str) -> str:
-    x = x.strip()
-    if x in ("off", "default"):
-        return x
-    try:
-        v = float(x)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad level {x!r}: expected off, default or a number") from None
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError(f"bad level {x!r}: a level is in (0, 1)")
-    return f"{v:g}"
-
-
-def parse_levels(s: str) -> list[str]:
-    out = []
-    for x in s.split(","):
-        if x.strip() and _level_name(x) not in out:
-            out.append(_level_name(x))
-    if not out:
-        raise argparse.ArgumentTypeError("--levels: no level given")
-    return out
-
-
-def parse_methods(s: str) -> list[str]:
-    out = []
-    for x in (x.strip() for x in s.split(",")):
-        if not x:
-            continue
-        if x not in METHODS:
-            raise argparse.ArgumentTypeError(f"unknown method {x!r} (expected {', '.join(METHODS)})")
-        if x not in out:
-            out.append(x)
-    if not out:
-        raise argparse.ArgumentTypeError("--methods: no method given")
-    return out
-
-
-def at_least(n: int):
-    """argparse type: an integer >= n (shared by the CLI's commands)."""
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            v = n - 1
-        if v < n:
-            want = "a positive integer" if n == 1 else f"an integer >= {n}"
-            raise argparse.ArgumentTypeError(f"expected {want}, got {s!r}")
-        return v
-    parse.__name__ = "positive_int" if n == 1 else f"integer >= {n}"
-    return parse
-
-
-positive_int = at_least(1)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="+", help="CHESS GGUF file(s) (python -m chess_gguf convert); several files "
                                             "(layouts of one model) are measured side by side")
@@ -189,14 +126,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", action="store_true",
                    help=f"also report each file's peak resident memory while decoding ({MEMORY_TOKENS} tokens at "
                         f"the first sparse level, a child {MEMORY_BIN} per file)")
-    p.add_argument("--levels", type=parse_levels, default=None,
+    p.add_argument("--levels", type=arg(parse_levels), default=None,
                    help="comma-separated levels: off, default or stored levels (default: off and every stored "
                         "level; off is always measured, it is the baseline of the ratios)")
-    p.add_argument("--methods", type=parse_methods, default=["chess"],
+    p.add_argument("--methods", type=arg(parse_methods), default=["chess"],
                    help="comma-separated methods: chess, chess-ffn, cats (default chess)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--reps", type=positive_int, default=5, help="interleaved rounds; medians over them (default 5)")
-    p.add_argument("--prefill", choices=["dense", "masked"], default="dense",
+    p.add_argument("--prefill", choices=PREFILLS, default="dense",
                    help="prompt processing of the sparse settings: dense (default) or masked like decoding")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--kernels", action="store_true",
@@ -209,28 +146,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # --- the file -------------------------------------------------------------------------------------
 
 def read_file(path: str | os.PathLike, stock_ok: bool = False) -> dict:
-    """Tensor sizes, stored levels, default level, layout and size of a CHESS file (clear errors
-    otherwise); with stock_ok a file without CHESS (the original, a baseline) is read too."""
+    """Tensor sizes, stored levels, default level, layout and size of a CHESS file, validated as the
+    loader does (format.read_chess: clear errors otherwise); with stock_ok a file without CHESS (the
+    original, a baseline) is read too."""
     from gguf import GGMLQuantizationType as QT
 
-    from . import gguf_io
+    from . import format as fmt, gguf_io, x4
     r = gguf_io.read(path)  # missing/bad file: one line naming it
     tensors = {t.name: int(t.n_bytes) for t in r.tensors}
-    fixed = {t.name: int(t.n_bytes) // 5 for t in r.tensors  # x4: the pairs are 4 of 20 bytes
-             if t.tensor_type == QT.I8 and gguf_io.is_transposed_weight(t.name)}
-    levels = gguf_io.field_value(r, "chess.levels")
     size = os.path.getsize(path)
-    version = gguf_io.field_value(r, "chess.version")
-    if stock_ok and version is None:
+    if stock_ok and gguf_io.field_value(r, "chess.version") is None:
         return {"tensors": tensors, "levels": [], "default": None, "layout": None, "size": size}
-    if version is None or not levels:
-        raise ValueError(f"{path}: not a CHESS file (no chess.* keys): run `python -m chess_gguf convert` first")
-    if not any(gguf_io.is_chess_tensor(n) for n in tensors):
+    info = fmt.read_chess(path)
+    if not info["tensors"]:
         raise ValueError(f"{path}: CHESS keys but no CHESS tensors: reconvert it with `python -m chess_gguf convert`")
-    default = gguf_io.field_value(r, "chess.default_level")
-    return {"tensors": tensors, "fixed": fixed, "levels": [f"{round(float(x), 6):g}" for x in levels],
-            "default": None if default is None else f"{round(float(default), 6):g}",
-            "layout": gguf_io.field_value(r, "chess.layout") or "dual", "size": size}
+    fixed = {t.name: x4.pair_bytes(int(t.n_bytes)) for t in r.tensors
+             if t.tensor_type == QT.I8 and fmt.is_transposed_weight(t.name)}
+    return {"tensors": tensors, "fixed": fixed, "levels": [f"{round(float(x), 6):g}" for x in info["levels"]],
+            "default": f"{round(float(info['default_level']), 6):g}", "layout": info["layout"], "size": size}
 
 
 def _resolve_levels(requested: Sequence[str] | None, info: dict) -> list[str]:
@@ -288,13 +221,9 @@ def _configs(info: dict, levels: Sequence[str] | None, methods: Sequence[str]) -
 
 
 def tool_path(name: str) -> Path:
-    """A native program beside the patched libllama: $CHESS_GGUF_LIB (a file or a folder), else the build folder."""
-    from .runtime import DEFAULT_LIB_DIR
-    env = os.environ.get("CHESS_GGUF_LIB")
-    if env:
-        p = Path(env)
-        return (p.parent if p.is_file() else p) / name
-    return DEFAULT_LIB_DIR / name
+    """A native program beside the patched libllama (runtime.lib_dir)."""
+    from .runtime import lib_dir
+    return lib_dir() / name
 
 
 # Linux keeps a process's peak RSS across fork and exec, so a child forked from this (large) process

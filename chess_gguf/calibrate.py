@@ -13,15 +13,16 @@ at the FFN (node ffn_inp-N), from which convert's per-layer budget measures the 
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
 
-from .runtime import Context, Model, RuntimeError_
+from .errors import RuntimeError_
+from .runtime import Context, Model
 from .thresholds import FINE_BINS, HIST_BINS, act, hist_index
+from .windows import bos_tokens, led_by_bos
 
 # llama.cpp architectures whose FFN is built with a parallel gate (build_ffn, LLM_FFN_PAR).
 SUPPORTED_ARCHS = {
@@ -70,20 +71,24 @@ class LayerStats:
 
 @dataclass
 class CalibStats:
-    arch: str
-    act: str
     n_tokens: int = 0
     n_rows: int = 0
     layers: list[LayerStats] = field(default_factory=list)
-    tokens_sha256: str = ""
+
+
+SUPPORTED = f"supported: dense gated-FFN architectures {', '.join(sorted(SUPPORTED_ARCHS))}"
+
+
+def activation_of(arch: Optional[str], path) -> str:
+    """The FFN activation of a supported architecture, else one error naming the file."""
+    if arch not in SUPPORTED_ARCHS:
+        raise ValueError(f"{path}: architecture {arch!r} is not supported ({SUPPORTED})")
+    return SUPPORTED_ARCHS[arch]
 
 
 def arch_of(model: Model) -> tuple[str, str]:
     arch = model.meta("general.architecture") or "?"
-    if arch not in SUPPORTED_ARCHS:
-        raise ValueError(f"{model.path}: architecture {arch!r} is not supported "
-                         f"(supported: {', '.join(sorted(SUPPORTED_ARCHS))})")
-    return arch, SUPPORTED_ARCHS[arch]
+    return arch, activation_of(arch, model.path)
 
 
 def calibrate(model: Model, tokens: Sequence[int], *, ctx: int = 512, threads: Optional[int] = None,
@@ -94,17 +99,15 @@ def calibrate(model: Model, tokens: Sequence[int], *, ctx: int = 512, threads: O
     """
     arch, kind = arch_of(model)
     n_layer = model.n_layer
-    win = ctx - 1 if model.add_bos else ctx
-    windows = [list(tokens[s:s + win]) for s in range(0, len(tokens), win)]
-    windows = [w for w in windows if len(w) >= 8]
+    bos = bos_tokens(model)
+    windows = led_by_bos(tokens, ctx, bos)
     n_total = sum(len(w) for w in windows)
     if n_total == 0:
         raise ValueError("calibration text is too short (no full window of tokens)")
     stride = max(1, -(-n_total // max(keep_rows, 1)))  # keep every stride-th token row
     n_rows = -(-n_total // stride) if keep_rows > 0 else 0
 
-    st = CalibStats(arch=arch, act=kind, n_tokens=n_total, n_rows=n_rows,
-                    tokens_sha256=hashlib.sha256(np.asarray(tokens, dtype=np.int32).tobytes()).hexdigest())
+    st = CalibStats(n_tokens=n_total, n_rows=n_rows)
     cur = {"keep": None, "row0": 0, "skip": 0}
 
     def on_node(name: str, x: np.ndarray) -> None:
@@ -162,7 +165,6 @@ def calibrate(model: Model, tokens: Sequence[int], *, ctx: int = 512, threads: O
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=n_total, unit="tok", desc="calibrating", dynamic_ncols=True)
-    bos = [] if not model.add_bos else model.tokenize("", add_special=True)[:1]
     with Context(model, n_ctx=ctx, n_batch=ctx, n_threads=threads, eval_callback=(wants, on_node)) as c:
         g0 = 0  # global index of the window's first token
         for w in windows:

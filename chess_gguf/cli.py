@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -62,13 +61,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _levels(s: str) -> list[float]:
-    try:
-        return [float(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
-
-
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import Options, convert, print_summary
 
@@ -124,17 +116,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_list(kind: str):
-    def parse(s: str):
-        from . import evaluate
-        try:
-            return getattr(evaluate, f"parse_{kind}")(s)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    parse.__name__ = kind
-    return parse
-
-
 # Floors of convert's calibration arguments. A per-channel threshold is an empirical quantile of
 # |act(g_i)|: with N calibration tokens its realised sparsity has a standard error of about
 # sqrt(l(1-l)/N), 0.014 at N = 1024 for level 0.5 (the architecture tests accept 0.05). A window
@@ -151,7 +132,9 @@ def cmd_libdir(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench import add_arguments as bench_arguments, at_least, positive_int  # standard library only at import
+    from .bench import add_arguments as bench_arguments  # standard library only at import
+    from .options import LAYOUTS, METHODS, PREFILLS, arg, at_least, parse_floats, parse_levels, parse_methods, parse_tasks, \
+        positive_int
 
     ap = argparse.ArgumentParser(prog="python -m chess_gguf",
                                  description="CHESS activation sparsity for llama.cpp GGUF models on CPU.")
@@ -170,9 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ctx", type=int, default=2048, help="context size (default 2048)")
     g.add_argument("--level", default=None,
                    help="CHESS level: off, default or a level stored in the file (default: $CHESS_LEVEL or the file's)")
-    g.add_argument("--method", choices=["chess", "chess-ffn", "cats"], default=None,
+    g.add_argument("--method", choices=METHODS, default=None,
                    help="CHESS method (default: $CHESS_METHOD or chess)")
-    g.add_argument("--prefill", choices=["dense", "masked"], default=None,
+    g.add_argument("--prefill", choices=PREFILLS, default=None,
                    help="prompt processing: dense (default) or masked like decoding")
     g.set_defaults(fn=cmd_generate)
 
@@ -183,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "All original tensors and metadata are kept byte for byte.")
     c.add_argument("model", help="input GGUF model")
     c.add_argument("-o", "--output", help="output file (default: IN.chess.gguf beside the input)")
-    c.add_argument("--levels", type=_levels, default=[0.3, 0.4, 0.5, 0.6, 0.7],
+    c.add_argument("--levels", type=arg(parse_floats), default=[0.3, 0.4, 0.5, 0.6, 0.7],
                    help="sparsity levels to calibrate, each in (0,1) (default 0.3,0.4,0.5,0.6,0.7)")
     c.add_argument("--default-level", type=float, default=0.5, help="level used when none is chosen (default 0.5)")
     c.add_argument("--calib", nargs="+", metavar="FILE",
@@ -211,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "codes regrouped by input channel (no second rounding; the size of Q4_1) and requantizes "
                         "the others by the rule of docs/format.md; requant: that rule for every copy (the "
                         "format before x4); a ggml type (q8_0, f16, ...): every copy requantized to it")
-    c.add_argument("--layout", choices=["dual", "compact"], default="dual",
+    c.add_argument("--layout", choices=LAYOUTS, default="dual",
                    help="dual (default): add transposed copies of W_down, W_q, W_o beside the originals "
                         "(fastest prompt processing, +~25%% file size); compact: replace the originals by "
                         "the transposed copies (file and memory about the input's size; prompts run through "
@@ -252,9 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "by partial scoring). Prints a Markdown table (accuracy in percent with its "
                                    "95% interval) or, with --json, one JSON object.")
     e.add_argument("model", help="CHESS GGUF file (a stock GGUF allows --levels off only)")
-    e.add_argument("--levels", type=_eval_list("levels"), default="off,0.5,0.7",
+    e.add_argument("--levels", type=arg(parse_levels, allow_default=False), default="off,0.5,0.7",
                    help="off (the dense row) and/or stored levels (default off,0.5,0.7)")
-    e.add_argument("--methods", type=_eval_list("methods"), default="cats,chess-ffn,chess",
+    e.add_argument("--methods", type=arg(parse_methods), default="cats,chess-ffn,chess",
                    help="sparse methods, from cats, chess-ffn, chess (default: all three)")
     e.add_argument("--ppl", default="", metavar="TEXT[,TEXT...]|none",
                    help="perplexity texts: files or domain names (wiki, books, news, science: data/*_eval.txt), "
@@ -262,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the Wikipedia evaluation split); none skips perplexity")
     e.add_argument("--ppl-tokens", type=positive_int, default=16384,
                    help="use at most this many tokens of the text: floor(N / ctx) windows (default 16384)")
-    e.add_argument("--tasks", type=_eval_list("tasks"), default=",".join(TASKS),
+    e.add_argument("--tasks", type=arg(parse_tasks), default=",".join(TASKS),
                    help=f"comma-separated tasks, all, or none (default: all: {','.join(TASKS)})")
     e.add_argument("--limit", type=positive_int, default=None,
                    help="a fixed subsample (seed 1234) of N items per task (default: every item)")

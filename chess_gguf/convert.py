@@ -14,14 +14,14 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT, GGUFValueType as VT
 
 from . import __version__
-from . import gguf_io, x4
-from .calibrate import SUPPORTED_ARCHS, CalibStats, calibrate
-from .evaluate import bos_tokens, window_nll
+from . import format as fmt, gguf_io, x4
+from .calibrate import SUPPORTED, SUPPORTED_ARCHS, CalibStats, activation_of, calibrate
+from .options import LAYOUTS
 from .runtime import Context, Model, quantize_rows
+from .windows import bos_replacing, bos_tokens, window_nll
+from .writer import sigterm_as_interrupt, write_with_extras
 from .thresholds import (RULES, channel_stat, check_levels, column_norms, error_curve, greedy_budget,
                          hist_chess_thresholds, hist_fraction_below, hist_scalar_thresholds, rule_weights)
-
-FORMAT_VERSION = 1
 
 # Transposed copies keep the original's type when its block fits the new row length (the row
 # length becomes the matrix's OUTPUT dimension). K-quants need rows of 256, so e.g. Qwen's
@@ -40,9 +40,6 @@ COMPACT_FALLBACK = {**FALLBACK, QT.Q6_K: QT.Q5_1}
 # dots (1.0-1.5x with every row kept, 1.7-2.9x at half): faster despite 30-55% more bytes, and a
 # second rounding at 8 bits instead of 5-6 (docs/kernels.md, "Copies of Q5_K and Q6_K").
 DUAL_FIRST = {QT.Q5_K: QT.Q8_0, QT.Q6_K: QT.Q8_0}
-LAYOUTS = ("dual", "compact")
-# compact: these originals are replaced by their transposed copies, under their own names
-COMPACT_NAMES = {"chess_wt_down": "ffn_down", "chess_wt_q": "attn_q", "chess_wt_o": "attn_output"}
 QUANTIZABLE = {QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K,
                QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS}
 
@@ -168,15 +165,13 @@ def check_supported(reader, path: Path) -> str:
     and no biases (the sparse route replaces exactly that), no mixture of experts. Else one error
     naming the file, the architecture and what is supported."""
     arch = gguf_io.field_value(reader, "general.architecture")
-    supported = f"supported: dense gated-FFN architectures {', '.join(sorted(SUPPORTED_ARCHS))}"
-    if arch not in SUPPORTED_ARCHS:
-        raise ValueError(f"{path}: architecture {arch!r} is not supported ({supported})")
+    activation_of(arch, path)
     names = [t.name for t in reader.tensors]
     if (gguf_io.field_value(reader, f"{arch}.expert_count") or 0) > 0 or any("_exps." in n for n in names):
-        raise ValueError(f"{path}: {arch} with mixture-of-experts FFNs is not supported ({supported}, without experts)")
+        raise ValueError(f"{path}: {arch} with mixture-of-experts FFNs is not supported ({SUPPORTED}, without experts)")
     biased = sorted({n.split(".")[2] for n in names if re.fullmatch(r"blk\.\d+\.ffn_(gate|up|down)\.bias", n)})
     if biased:
-        raise ValueError(f"{path}: {arch} with FFN biases ({', '.join(biased)}) is not supported ({supported}, "
+        raise ValueError(f"{path}: {arch} with FFN biases ({', '.join(biased)}) is not supported ({SUPPORTED}, "
                          "without FFN biases)")
     return arch
 
@@ -225,10 +220,10 @@ def choose_rule(reader, out_p: Path, kv: dict, cands: dict[str, list[dict]], att
     tmp = out_p.with_name(f".{out_p.name}.rule-{os.getpid()}")
     first = next(iter(cands.values()))
     scores = {}
-    with gguf_io.sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         try:
             try:
-                gguf_io.write_with_extras(reader, tmp, kv, threshold_tensors(first, attention, no_q) + wts, progress=False,
+                write_with_extras(reader, tmp, kv, threshold_tensors(first, attention, no_q) + wts, progress=False,
                                           drop=drop)
             except ValueError as e:  # full disk and the like: name the output the user asked for
                 raise ValueError(f"{out_p}: choosing the rule: {e}") from None
@@ -266,9 +261,9 @@ def transposed_tensors(reader, n_layer: int, wt_type: Optional[QT], progress: bo
     by_name = {t.name: t for t in reader.tensors}
     jobs = []
     for il in range(n_layer):
-        for src, dst in (("ffn_down", "chess_wt_down"), ("attn_q", "chess_wt_q"), ("attn_output", "chess_wt_o")):
-            name = f"blk.{il}.{src}.weight"
-            if src == "attn_q" and il in no_q:
+        for dst, orig in fmt.TRANSPOSED_OF.items():
+            name = f"blk.{il}.{orig}"
+            if dst == "chess_wt_q" and il in no_q:
                 continue  # W_q inside attn_qkv: that layer's W_q stays dense
             if name not in by_name:
                 raise ValueError(f"{reader.data.filename}: tensor {name} missing")
@@ -286,7 +281,7 @@ def transposed_tensors(reader, n_layer: int, wt_type: Optional[QT], progress: bo
             if bar:
                 bar.update(1)
             continue
-        w = gguf_io.tensor_f32(reader, name)       # [n_out, n_in]
+        w = fmt.tensor_f32(reader, name)           # [n_out, n_in]
         wt = np.ascontiguousarray(w.T)             # [n_in, n_out]: one row per input channel
         qt = transposed_type(QT(int(t.tensor_type)), wt.shape[1], wt_type, layout)
         if qt == QT.F32:
@@ -338,10 +333,7 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
     # --rule auto scores the rules on the calibration text's continuation, never on the tokens the
     # thresholds came from: windows of --ctx, the first token replaced by BOS as llama-perplexity does
     held = all_tokens[opt.calib_tokens: opt.calib_tokens + AUTO_TOKENS]
-    windows = [held[i:i + opt.ctx] for i in range(0, len(held) - opt.ctx + 1, opt.ctx)]
-    bos = bos_tokens(model)
-    for w in windows:
-        w[:len(bos)] = bos
+    windows = bos_replacing(held, opt.ctx, bos_tokens(model))
     if len(tokens) < opt.calib_tokens:
         print(f"note: calibration text has only {len(tokens)} tokens (asked for {opt.calib_tokens})", file=sys.stderr)
     st = calibrate(model, tokens, ctx=opt.ctx, threads=opt.threads, progress=opt.progress,
@@ -357,13 +349,13 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
         rules = ("chess",)
     col = None
     if "wchess" in rules:  # column norms of the original W_down (not of its requantized copy)
-        col = [column_norms(gguf_io.tensor_f32(reader, f"blk.{il}.ffn_down.weight")) for il in range(n_layer)]
+        col = [column_norms(fmt.tensor_f32(reader, f"blk.{il}.ffn_down.weight")) for il in range(n_layer)]
     cands = {}
     for rule in rules:
         layer_levels = None
         if opt.budget:
             layer_levels = layer_budget(st, levels, opt.stat, rule, col,
-                                        lambda il: gguf_io.tensor_f32(reader, f"blk.{il}.ffn_down.weight"), opt.budget_span)
+                                        lambda il: fmt.tensor_f32(reader, f"blk.{il}.ffn_down.weight"), opt.budget_span)
         cands[rule] = compute_thresholds(st, levels, opt.stat, rule, col, layer_levels)
     no_q = fused_qkv_layers(reader, n_layer)
     wts = transposed_tensors(reader, n_layer, wt_type, opt.progress, opt.layout, exact=opt.wt_type in (None, "x4"),
@@ -375,12 +367,12 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
         renamed = []
         for name, data, qt in wts:
             il, kind = name.split(".")[1], name.split(".")[2]
-            orig = f"blk.{il}.{COMPACT_NAMES[kind]}.weight"
+            orig = f"blk.{il}.{fmt.TRANSPOSED_OF[kind]}"
             drop.add(orig)
             renamed.append((orig, data, qt))
         wts = renamed
     kv = {
-        "chess.version": (FORMAT_VERSION, VT.UINT32, None),
+        "chess.version": (fmt.FORMAT_VERSION, VT.UINT32, None),
         "chess.levels": (levels, VT.ARRAY, VT.FLOAT32),
         "chess.default_level": (float(opt.default_level), VT.FLOAT32, None),
         "chess.stat": (opt.stat, VT.STRING, None),
@@ -406,7 +398,7 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
     kv["chess.rule"] = (rule, VT.STRING, None)
     thr = cands[rule]
     tensors = threshold_tensors(thr, opt.attention, no_q)
-    gguf_io.write_with_extras(reader, out_p, kv, tensors + wts, progress=opt.progress, drop=drop)
+    write_with_extras(reader, out_p, kv, tensors + wts, progress=opt.progress, drop=drop)
     sp = calib_sparsity(st, thr, levels)
     size_in, size_out = inp_p.stat().st_size, out_p.stat().st_size
     return {

@@ -51,41 +51,18 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .data import DOMAINS, TASKS, default_eval_path, domain_path, load_task, task_path
+from .options import METHODS
 from .runtime import Context, Model
+from .windows import bos_replacing, bos_tokens, log_softmax_at, window_nll
 
-METHODS = ("cats", "chess-ffn", "chess")
 # Tasks for which lm-evaluation-harness reports acc_norm (its yaml lists the metric).
 ACC_NORM_TASKS = frozenset({"arc_easy", "arc_challenge", "hellaswag", "openbookqa", "piqa", "sciq"})
 SEED = 1234          # --limit subsample seed
 TASK_CTX = 2048      # longest task input (lm-eval's default max_length); longer inputs lose their start
 N_BATCH = 512        # llama.cpp's default ubatch
-# ggml's CPU flash attention uses an fp32 tiled kernel for ubatches of at least this many query rows
-# and rounds Q to f16 below it (GGML_FA_TILE_Q), so logits depend slightly on how tokens are batched.
-FA_TILE_ROWS = 64
 
 
 # --- argument parsing (used by the CLI; raise ValueError with a readable message) ------------
-
-def parse_levels(s: str) -> list[str]:
-    out = []
-    for x in s.split(","):
-        x = x.strip().lower()
-        if not x:
-            continue
-        if x == "off":
-            out.append("off")
-            continue
-        try:
-            v = float(x)
-        except ValueError:
-            raise ValueError(f"bad level {x!r}: expected off or a number such as 0.5") from None
-        if not 0.0 < v < 1.0:
-            raise ValueError(f"bad level {x!r}: a sparsity level is in (0, 1)")
-        out.append(f"{v:g}")
-    if not out:
-        raise ValueError("no levels given")
-    return list(dict.fromkeys(out))
-
 
 def resolve_ppl(spec: str) -> list[tuple[str, str]]:
     """--ppl value -> [(label, file)]: "" = the Wikipedia evaluation split; otherwise comma-separated
@@ -108,36 +85,7 @@ def resolve_ppl(spec: str) -> list[tuple[str, str]]:
     return out
 
 
-def parse_methods(s: str) -> list[str]:
-    out = [x.strip() for x in s.split(",") if x.strip()]
-    bad = [x for x in out if x not in METHODS]
-    if bad:
-        raise ValueError(f"unknown method {bad[0]!r} (valid: {', '.join(METHODS)})")
-    return list(dict.fromkeys(out))
-
-
-def parse_tasks(s: str) -> list[str]:
-    if s.strip().lower() == "none":
-        return []
-    if s.strip().lower() == "all":
-        return list(TASKS)
-    out = [x.strip() for x in s.split(",") if x.strip()]
-    bad = [x for x in out if x not in TASKS]
-    if bad:
-        raise ValueError(f"unknown task {bad[0]!r} (valid: {', '.join(TASKS)}, all or none)")
-    return list(dict.fromkeys(out))
-
-
 # --- small numeric helpers --------------------------------------------------------------------
-
-def log_softmax_at(logits: np.ndarray, targets: Sequence[int]) -> np.ndarray:
-    """log softmax(logits[i])[targets[i]] for each row i, in float64."""
-    x = np.asarray(logits, dtype=np.float32)
-    m = x.max(axis=1, keepdims=True)
-    lse = np.log(np.exp(x - m, dtype=np.float32).sum(axis=1, dtype=np.float64)) + m[:, 0].astype(np.float64)
-    picked = x[np.arange(len(targets)), np.asarray(targets, dtype=np.int64)].astype(np.float64)
-    return picked - lse
-
 
 def binom_stderr(p: float, n: int) -> float:
     return math.sqrt(p * (1.0 - p) / n) if n > 0 else float("nan")
@@ -152,11 +100,6 @@ def subsample(n_items: int, limit: Optional[int]) -> list[int]:
 
 # --- tokenization (lm-eval's context/continuation split) --------------------------------------
 
-def bos_tokens(model: Model) -> list[int]:
-    """[BOS] when the model's vocabulary adds one, else []."""
-    return model.tokenize("", add_special=True) if model.add_bos else []
-
-
 def encode_pair(model: Model, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context tokens with BOS if the model adds BOS, continuation tokens), split as lm-eval does."""
     n_sp = len(context) - len(context.rstrip())
@@ -169,7 +112,7 @@ def encode_pair(model: Model, context: str, continuation: str) -> tuple[list[int
         raise ValueError(f"continuation {continuation!r} tokenizes to nothing after {context[-40:]!r}")
     ctx = bos_tokens(model) + ctx
     if not ctx:  # empty context and no BOS: condition on the BOS token anyway (lm-eval uses EOT)
-        ctx = [int(model._L.llama.llama_vocab_bos(model.vocab))]
+        ctx = [model.bos]
     return ctx, cont
 
 
@@ -286,27 +229,7 @@ def ppl_windows(model: Model, text: str, n_ctx: int, max_tokens: Optional[int]) 
     if n < 1:
         raise ValueError(f"perplexity text too short: {len(toks)} tokens, need at least one window of {n_ctx} "
                          f"(and --ppl-tokens >= --ctx)")
-    bos = bos_tokens(model)
-    wins = []
-    for i in range(n):
-        w = toks[i * n_ctx:(i + 1) * n_ctx]
-        if bos:
-            w[0] = bos[0]
-        wins.append(w)
-    return wins
-
-
-def window_nll(ctx: Context, w: list[int]) -> tuple[float, int]:
-    """(sum of NLL over the scored second half, number of scored tokens) of one window."""
-    first = len(w) // 2
-    ctx.clear()
-    if first >= FA_TILE_ROWS:  # both halves take ggml's fp32 attention path, as one batch would
-        ctx.decode(w[:first], pos0=0, logits="none")
-        logits = ctx.decode(w[first:], pos0=first, logits="all")  # rows for positions first .. n-1
-    else:
-        logits = ctx.decode(w, pos0=0, logits="all")[first:]
-    lp = log_softmax_at(logits[:-1], w[first + 1:])
-    return float(-lp.sum()), len(lp)
+    return bos_replacing(toks, n_ctx, bos_tokens(model), n)
 
 
 # --- the evaluation ---------------------------------------------------------------------------

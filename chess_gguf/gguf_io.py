@@ -1,32 +1,20 @@
-"""GGUF reading helpers and the atomic CHESS GGUF writer (gguf-py underneath).
+"""GGUF reading: gguf-py's reader hardened for damaged files, and one checked, cached `read(path)`.
 
-The writer copies every original key and tensor byte for byte, then appends the CHESS keys
-and tensors (docs/format.md). Output goes to a temporary file beside the target and is renamed
-into place only when complete, so an interrupted or failed write leaves no output behind.
+Every command reads files through `read`, so one place decides what a broken file is. The CHESS
+format on top of it is chess_gguf/format.py; writing is chess_gguf/writer.py.
 """
 from __future__ import annotations
 
+import functools
 import os
-import re
-import signal
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, GGUFWriter, GGMLQuantizationType
-from gguf.quants import dequantize
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, GGMLQuantizationType
 
-from . import x4
-
-CHESS_PREFIX = "chess."
-CHESS_TENSOR_MARK = ".chess_"
-
-
-def is_chess_tensor(name: str) -> bool:
-    return CHESS_TENSOR_MARK in name
-
+from .errors import RuntimeError_
 
 _ARRAY, _STRING = GGUFValueType.ARRAY, GGUFValueType.STRING  # enum attribute lookups are slow
 
@@ -94,293 +82,37 @@ class Reader(GGUFReader):
         return super()._build_tensors(start_offs, fields)
 
 
-def read(path: str | os.PathLike) -> GGUFReader:
-    from .runtime import read_gguf  # one place decides what a broken file is (and caches the parse)
-    return read_gguf(path)
+
+@functools.lru_cache(maxsize=4)
+def _reader(path: str, mtime_ns: int, size: int) -> Reader:
+    return Reader(path)
+
+
+def read(path: str | os.PathLike) -> Reader:
+    """A reader of a checked file: missing, non-GGUF, damaged or truncated files raise one error
+    naming the file. Parsing a file with a large
+    vocabulary takes seconds, so readers are cached per (path, mtime, size): a command that
+    checks, inspects and loads one file parses it once."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file")
+    if not p.is_file():
+        raise RuntimeError_(f"{p}: not a regular file")
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise RuntimeError_(f"{p}: not a GGUF file (bad magic {magic!r})")
+    st = p.stat()
+    try:
+        r = _reader(str(p.resolve()), st.st_mtime_ns, st.st_size)
+    except Exception as e:  # the reader raises assorted errors on damaged files
+        raise RuntimeError_(f"{p}: truncated or corrupt GGUF ({e.__class__.__name__}: {e})") from None
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in r.tensors), default=0)
+    if end > st.st_size:
+        raise RuntimeError_(f"{p}: truncated GGUF (tensor data ends at byte {end}, file has {st.st_size})")
+    return r
 
 
 def field_value(reader: GGUFReader, key: str, default: Any = None) -> Any:
     f = reader.fields.get(key)
     return default if f is None else f.contents()
-
-
-def is_transposed_weight(name: str) -> bool:
-    """A transposed copy, or an original that the compact layout stores transposed."""
-    return CHESS_TENSOR_MARK + "wt_" in name or name.endswith(tuple(CHESS_COMPACT_ORIGINALS.values()))
-
-
-def tensor_f32(reader: GGUFReader, name: str) -> np.ndarray:
-    """A tensor dequantized to float32, in numpy (row-major) shape (ne1, ne0); a transposed copy in the
-    x4 layout as the copy it stands for, [n_in, n_out]."""
-    for t in reader.tensors:
-        if t.name == name and t.tensor_type == GGMLQuantizationType.I8 and is_transposed_weight(name):
-            n_out, n_in = int(t.shape[0]) // x4.BYTES_PER_32, int(t.shape[1]) * 32
-            return np.ascontiguousarray(x4.to_float(t.data, n_out, n_in).T)
-        if t.name == name:
-            data = dequantize(t.data, t.tensor_type)
-            return np.asarray(data, dtype=np.float32).reshape(int(t.shape[1]), int(t.shape[0]))
-    raise KeyError(f"{name}: no such tensor")
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM ends Python without unwinding; turn it into KeyboardInterrupt so cleanup runs."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    try:
-        old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-def write_with_extras(reader: GGUFReader, out: Path, kv: dict[str, tuple[Any, GGUFValueType, Optional[GGUFValueType]]],
-                      tensors: list[tuple[str, np.ndarray, Optional[GGMLQuantizationType]]],
-                      *, progress: bool = True, drop: frozenset[str] | set[str] = frozenset()) -> None:
-    """Write reader's keys and tensors (minus any old CHESS content and the tensors named in `drop`)
-    plus `kv` and `tensors`.
-
-    tensors: (name, data, raw_dtype); raw_dtype None for float arrays, else data is uint8 bytes of shape
-    [rows, bytes per row].
-    """
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    arch = field_value(reader, "general.architecture")
-    with sigterm_as_interrupt():
-        try:
-            w = GGUFWriter(str(tmp), arch=arch)
-            for name, f in reader.fields.items():
-                if name.startswith("GGUF.") or name == "general.architecture" or name.startswith(CHESS_PREFIX):
-                    continue
-                vtype = f.types[0]
-                sub = f.types[-1] if vtype == GGUFValueType.ARRAY and len(f.types) > 1 else None
-                w.add_key_value(name, f.contents(), vtype, sub_type=sub)
-                if name == "general.alignment":
-                    w.data_alignment = int(f.contents())
-            for name, (val, vtype, sub) in kv.items():
-                w.add_key_value(name, val, vtype, sub_type=sub)
-            for t in reader.tensors:
-                if is_chess_tensor(t.name) or t.name in drop:
-                    continue
-                shape = [int(x) for x in reversed(t.shape)]  # numpy order
-                if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-                    w.add_tensor(t.name, t.data, raw_shape=shape, raw_dtype=t.tensor_type)
-                else:
-                    w.add_tensor(t.name, t.data, raw_shape=list(t.data.shape), raw_dtype=t.tensor_type)
-            for name, data, raw_dtype in tensors:
-                if raw_dtype is None:
-                    w.add_tensor(name, data)
-                else:
-                    w.add_tensor(name, data, raw_shape=list(data.shape), raw_dtype=raw_dtype)
-            w.write_header_to_file()
-            w.write_kv_data_to_file()
-            w.write_tensors_to_file(progress=progress)  # writes the tensor infos first
-            w.close()
-            os.replace(tmp, out)
-        except BaseException as e:
-            try:
-                tmp.unlink()
-            except FileNotFoundError:
-                pass
-            if isinstance(e, OSError):  # full disk, file size limit, I/O error: one line naming the file
-                raise ValueError(f"{out}: writing failed ({e.strerror or e}); nothing was written") from None
-            raise
-
-
-# --- validation of a CHESS file, as the patched loader does it (docs/format.md) --------------------
-
-CHESS_TENSOR_RE = re.compile(r"^blk\.(\d+)\.(chess_\w+)$")
-THRESHOLD_KINDS = ("chess_ffn_tau", "chess_ffn_cats", "chess_thr_q", "chess_thr_o")
-WT_KINDS = ("chess_wt_down", "chess_wt_q", "chess_wt_o")
-MAX_LEVELS = 64  # the loader's limit
-# each part of a layer is complete or absent (absent: that part runs dense)
-CHESS_PARTS = {"FFN": ("chess_ffn_tau", "chess_ffn_cats", "chess_wt_down"), "W_q": ("chess_thr_q", "chess_wt_q"),
-               "W_o": ("chess_thr_o", "chess_wt_o")}
-# chess.layout = compact: no chess_wt_* tensors, the originals themselves are stored transposed
-CHESS_COMPACT_ORIGINALS = {"chess_wt_down": "ffn_down.weight", "chess_wt_q": "attn_q.weight",
-                           "chess_wt_o": "attn_output.weight"}
-# types without a dot product in ggml's CPU backend: the sparse kernels cannot read such a copy
-WT_UNSUPPORTED = {GGMLQuantizationType.I8, GGMLQuantizationType.I16, GGMLQuantizationType.I32,
-                  GGMLQuantizationType.I64, GGMLQuantizationType.F64}
-_INT_TYPES = {GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
-              GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64}
-
-
-def _string(reader: GGUFReader, key: str, path) -> Optional[str]:
-    f = reader.fields.get(key)
-    if f is None:
-        return None
-    if f.types != [GGUFValueType.STRING]:
-        raise ValueError(f"{path}: {key}: not a string")
-    try:
-        return bytes(f.parts[-1]).decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: {key}: not valid UTF-8") from None
-
-
-def _int_or_list(reader: GGUFReader, key: str, path) -> Any:
-    """An integer key, or a per-layer integer array (llama.cpp accepts both for some hparams)."""
-    f = reader.fields.get(key)
-    if f is None:
-        return None
-    if f.types and f.types[0] in _INT_TYPES and len(f.types) == 1:
-        return int(f.contents())
-    if f.types[:1] == [GGUFValueType.ARRAY] and len(f.types) == 2 and f.types[1] in _INT_TYPES:
-        return [int(x) for x in f.contents()]
-    raise ValueError(f"{path}: {key}: not an integer or an array of integers")
-
-
-def check_chess(reader: GGUFReader, path: str | os.PathLike) -> dict:
-    """Validate a CHESS file the way the patched loader does, and more: raises ValueError naming the
-    file and the offending key or tensor, else returns {"levels", "default_level", "n_layer",
-    "tensors": {(layer, kind): ReaderTensor}}.
-
-    Checked: chess.version (uint32 1), chess.levels (1..64 float32, strictly increasing, inside (0, 1)),
-    chess.default_level (a float32 among the levels), chess.layout (absent, "dual" or "compact": then
-    blk.N.ffn_down/attn_q/attn_output.weight are the transposed copies and no chess_wt_* may exist);
-    every CHESS tensor's name, layer, shape (against
-    the model's hyperparameters and the number of levels), type (f32 thresholds; transposed copies of
-    a type the kernels support, whose block size divides their rows) and threshold values (not NaN,
-    >= 0; +inf only in chess_ffn_tau, where it marks a channel that is never kept); each part of a
-    layer (CHESS_PARTS) complete or absent (absent: it runs dense); and that tensor data is packed in
-    order at aligned offsets, as llama.cpp's gguf loader requires.
-    """
-    chess_names = [t.name for t in reader.tensors if is_chess_tensor(t.name)]
-    fv = reader.fields.get("chess.version")
-    if fv is None:
-        if chess_names:
-            raise ValueError(f"{path}: chess.version: missing, but the file has CHESS tensors ({chess_names[0]}, ...)")
-        raise ValueError(f"{path}: not a CHESS file (no chess.version key): run `python -m chess_gguf convert` first")
-    if fv.types != [GGUFValueType.UINT32] or int(fv.contents()) != 1:
-        raise ValueError(f"{path}: chess.version: unsupported CHESS format version (expected uint32 1)")
-
-    fl = reader.fields.get("chess.levels")
-    if fl is None or fl.types != [GGUFValueType.ARRAY, GGUFValueType.FLOAT32]:
-        if fl is not None and fl.types == [GGUFValueType.ARRAY] and not fl.contents():
-            raise ValueError(f"{path}: chess.levels: 0 levels (expected 1..{MAX_LEVELS})")
-        raise ValueError(f"{path}: chess.levels: missing or not an array of float32")
-    levels = np.asarray(fl.contents(), dtype=np.float32)
-    if not 1 <= levels.size <= MAX_LEVELS:
-        raise ValueError(f"{path}: chess.levels: {levels.size} levels (expected 1..{MAX_LEVELS})")
-    if not (np.all((levels > 0) & (levels < 1)) and np.all(np.diff(levels) > 0)):
-        raise ValueError(f"{path}: chess.levels: levels must be strictly increasing and inside (0, 1), "
-                         f"got {levels.tolist()}")
-    fd = reader.fields.get("chess.default_level")
-    if fd is None or fd.types != [GGUFValueType.FLOAT32]:
-        raise ValueError(f"{path}: chess.default_level: missing or not float32")
-    default = np.float32(fd.contents())
-    if default not in levels:
-        raise ValueError(f"{path}: chess.default_level: {float(default):g} is not one of chess.levels {levels.tolist()}")
-
-    layout = _string(reader, "chess.layout", path) or "dual"
-    if layout not in ("dual", "compact"):
-        raise ValueError(f"{path}: chess.layout: expected the string dual or compact, got {layout!r}")
-
-    arch = _string(reader, "general.architecture", path)
-    if not arch:
-        raise ValueError(f"{path}: general.architecture: missing")
-
-    def hparam(key: str, required: bool = True) -> Any:
-        v = _int_or_list(reader, f"{arch}.{key}", path)
-        if v is None and required:
-            raise ValueError(f"{path}: {arch}.{key}: missing (needed to check the CHESS tensor shapes)")
-        return v
-
-    n_layer, n_embd, n_ff, n_head = (hparam(k) for k in ("block_count", "embedding_length", "feed_forward_length",
-                                                           "attention.head_count"))
-    head_k, head_v = hparam("attention.key_length", False), hparam("attention.value_length", False)
-    if isinstance(n_layer, list) or isinstance(n_embd, list):
-        raise ValueError(f"{path}: {arch}.block_count/embedding_length: not a single integer")
-
-    def at(v: Any, il: int) -> int:
-        if isinstance(v, list):
-            if len(v) != n_layer:
-                raise ValueError(f"{path}: per-layer hyperparameter with {len(v)} entries for {n_layer} layers")
-            return v[il]
-        return v
-
-    def expected(kind: str, il: int) -> tuple[int, ...]:
-        nl, ff, nh = levels.size, at(n_ff, il), at(n_head, il)
-        hk = head_k if head_k is not None else (n_embd // nh if nh else 0)
-        hv = head_v if head_v is not None else (n_embd // nh if nh else 0)
-        return {"chess_ffn_tau": (ff, nl), "chess_ffn_cats": (nl,), "chess_thr_q": (nl,), "chess_thr_o": (nl,),
-                "chess_wt_down": (n_embd, ff), "chess_wt_q": (at(hk, il) * nh, n_embd),
-                "chess_wt_o": (n_embd, at(hv, il) * nh)}[kind]
-
-    def pad4(shape) -> tuple[int, ...]:  # ggml pads shapes with 1s to 4 dims
-        return tuple(shape) + (1,) * (4 - len(shape))
-
-    tensors: dict[tuple[int, str], Any] = {}
-
-    def check(t: Any, il: int, kind: str) -> None:
-        shape, want = [int(x) for x in t.shape], expected(kind, il)
-        if kind in WT_KINDS and t.tensor_type == GGMLQuantizationType.I8:  # the exact x4 layout
-            if want[0] % 32 or want[1] % 32:
-                raise ValueError(f"{path}: {t.name}: the x4 layout needs dimensions that are multiples of 32, "
-                                 f"not {list(want)}")
-            want = (want[0] * x4.BYTES_PER_32, want[1] // 32)
-        if len(shape) > 4 or pad4(shape) != pad4(want):
-            hint = " (a transposed copy: row i holds input channel i)" if kind in WT_KINDS else ""
-            raise ValueError(f"{path}: {t.name}: shape {shape}, expected {list(want)}{hint}")
-        if kind in THRESHOLD_KINDS:
-            if t.tensor_type != GGMLQuantizationType.F32:
-                raise ValueError(f"{path}: {t.name}: CHESS thresholds must be f32, not {t.tensor_type.name.lower()}")
-            v = np.asarray(t.data, dtype=np.float32).reshape(levels.size, -1)  # [level, channel]
-            bad = np.isnan(v) | (v < 0)
-            if kind != "chess_ffn_tau":
-                bad |= np.isinf(v)
-            if bad.any():
-                k, c = (int(x) for x in np.argwhere(bad)[0])
-                where = f"channel {c}, level {float(levels[k]):g}" if kind == "chess_ffn_tau" else f"level {float(levels[k]):g}"
-                rule = "not NaN and >= 0" if kind == "chess_ffn_tau" else "finite and >= 0"
-                raise ValueError(f"{path}: {t.name}: invalid threshold {float(v[k, c])} at {where} (must be {rule})")
-        elif t.tensor_type != GGMLQuantizationType.I8:
-            if t.tensor_type in WT_UNSUPPORTED:
-                raise ValueError(f"{path}: {t.name}: type {t.tensor_type.name.lower()} is not supported by the CHESS kernels")
-            block = GGML_QUANT_SIZES[t.tensor_type][0]
-            if shape[0] % block:
-                raise ValueError(f"{path}: {t.name}: rows of {shape[0]} are not a multiple of the "
-                                 f"{t.tensor_type.name} block size {block}")
-        if (il, kind) in tensors:
-            raise ValueError(f"{path}: {t.name}: duplicated")
-        tensors[(il, kind)] = t
-
-    for t in reader.tensors:
-        if not is_chess_tensor(t.name):
-            continue
-        m = CHESS_TENSOR_RE.match(t.name)
-        if not m or m.group(2) not in THRESHOLD_KINDS + WT_KINDS:
-            raise ValueError(f"{path}: {t.name}: unknown CHESS tensor (expected blk.N.<one of "
-                             f"{', '.join(THRESHOLD_KINDS + WT_KINDS)}>)")
-        il, kind = int(m.group(1)), m.group(2)
-        if il >= n_layer:
-            raise ValueError(f"{path}: {t.name}: layer {il} out of range (the model has {n_layer})")
-        if layout == "compact" and kind in WT_KINDS:
-            raise ValueError(f"{path}: {t.name}: not expected in the compact layout (the original "
-                             f"{CHESS_COMPACT_ORIGINALS[kind]} is the transposed copy)")
-        check(t, il, kind)
-    if layout == "compact":
-        by_name = {t.name: t for t in reader.tensors}
-        for il in range(n_layer):
-            for kind, orig in CHESS_COMPACT_ORIGINALS.items():
-                if f"blk.{il}.{orig}" in by_name:
-                    check(by_name[f"blk.{il}.{orig}"], il, kind)
-    for il in sorted({il for il, _ in tensors}):
-        for part, kinds in CHESS_PARTS.items():
-            missing = [f"blk.{il}.{k}" for k in kinds if (il, k) not in tensors]
-            if 0 < len(missing) < len(kinds):
-                raise ValueError(f"{path}: blk.{il}: incomplete CHESS {part} tensors: {', '.join(missing)} missing "
-                                 f"(a part is all or nothing)")
-
-    # llama.cpp's gguf loader wants every tensor's data exactly where the previous one ends (padded)
-    align, pos = int(reader.alignment), 0
-    for t in reader.tensors:
-        rel = int(t.data_offset) - int(reader.data_offset)
-        if rel != pos:
-            raise ValueError(f"{path}: {t.name}: data at offset {rel}, expected {pos} (tensors must be packed in order)")
-        pos += -(-int(t.n_bytes) // align) * align
-    return {"levels": levels, "default_level": default, "n_layer": n_layer, "tensors": tensors}

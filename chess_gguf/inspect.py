@@ -12,32 +12,24 @@ from typing import Optional
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from . import gguf_io
+from . import format as fmt
 from .runtime import Context, Model
-
-
-def _meta(f) -> object:
-    """A key's value; strings decoded leniently (informational keys may hold any bytes)."""
-    if f.types == [gguf_io.GGUFValueType.STRING]:
-        return bytes(f.parts[-1]).decode("utf-8", "replace")
-    return f.contents()
+from .windows import bos_tokens, led_by_bos
 
 
 def read_chess(path: str) -> dict:
     """CHESS metadata and threshold arrays of a converted file, validated like the patched loader does
-    (gguf_io.check_chess); raises ValueError naming the file and the problem."""
-    r = gguf_io.read(path)
-    chk = gguf_io.check_chess(r, path)
-    meta = {k: _meta(r.fields[k]) for k in r.fields if k.startswith("chess.")}
+    (format.read_chess); raises ValueError naming the file and the problem."""
+    chk = fmt.read_chess(path)
     levels = [round(float(x), 6) for x in chk["levels"]]  # stored as f32
     layers: list[dict] = [{} for _ in range(chk["n_layer"])]  # a layer may lack some or all CHESS tensors
     for (il, kind), t in chk["tensors"].items():
-        if kind.startswith("chess_wt_"):
+        if kind in fmt.WT_KINDS:
             layers[il][kind] = {"type": "x4" if t.tensor_type == QT.I8 else t.tensor_type.name,  # chess_gguf/x4.py
                                 "shape": [int(x) for x in t.shape]}
         else:
             layers[il][kind] = np.asarray(t.data, dtype=np.float32).reshape(len(levels), -1)  # [n_levels, n or 1]
-    return {"meta": meta, "levels": levels, "layers": layers}
+    return {"meta": chk["meta"], "levels": levels, "layers": layers}
 
 
 def threshold_summary(info: dict) -> list[dict]:
@@ -61,11 +53,8 @@ def measure_text(path: str, text: str, info: dict, *, ctx: int = 512, threads: O
     """Realised sparsity per level and part ({"ffn", "ffn_cats", "attn_q", "attn_o"}) on a text,
     read from the runtime's counters while it runs the sparse model with masks on every token."""
     model = Model(path)
-    skip = 1 if model.add_bos else 0
-    toks = model.tokenize(text, add_special=False)[:max_tokens]
-    bos = model.tokenize("", add_special=True)[:skip]
-    win = ctx - skip
-    windows = [toks[s:s + win] for s in range(0, len(toks), win) if len(toks[s:s + win]) >= 8]
+    bos = bos_tokens(model)
+    windows = led_by_bos(model.tokenize(text, add_special=False)[:max_tokens], ctx, bos)
     out = {"n_tokens": sum(len(w) for w in windows), "per_layer": {}, "overall": {}}
     with Context(model, n_ctx=ctx, n_batch=ctx, n_threads=threads) as c:
         for lv in info["levels"]:

@@ -7,7 +7,6 @@ pinned llama.cpp exactly; tests/test_runtime.py checks them against the C compil
 """
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import threading
@@ -16,6 +15,8 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 from cffi import FFI
+
+from .errors import RuntimeError_
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_LIB_DIR = REPO / "build" / "cmake" / "bin"
@@ -122,11 +123,6 @@ typedef struct llama_batch {
 
 typedef struct llama_sampler_chain_params { bool no_perf; } llama_sampler_chain_params;
 
-struct llama_perf_context_data {
-    double t_start_ms; double t_load_ms; double t_p_eval_ms; double t_eval_ms;
-    int32_t n_p_eval; int32_t n_eval; int32_t n_reused;
-};
-
 void llama_backend_init(void);
 void llama_log_set(ggml_log_callback log_callback, void * user_data);
 struct llama_model_params llama_model_default_params(void);
@@ -140,21 +136,16 @@ uint32_t llama_n_ctx(const struct llama_context * ctx);
 const struct llama_vocab * llama_model_get_vocab(const struct llama_model * model);
 int32_t llama_model_n_embd(const struct llama_model * model);
 int32_t llama_model_n_layer(const struct llama_model * model);
-int32_t llama_model_n_head(const struct llama_model * model);
-int32_t llama_model_n_head_kv(const struct llama_model * model);
 int32_t llama_vocab_n_tokens(const struct llama_vocab * vocab);
 int32_t llama_model_meta_val_str(const struct llama_model * model, const char * key, char * buf, size_t buf_size);
-int32_t llama_model_desc(const struct llama_model * model, char * buf, size_t buf_size);
 uint64_t llama_model_size(const struct llama_model * model);
 llama_memory_t llama_get_memory(const struct llama_context * ctx);
 void llama_memory_clear(llama_memory_t mem, bool data);
 bool llama_memory_seq_rm(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
-void llama_memory_seq_cp(llama_memory_t mem, llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos p1);
 llama_pos llama_memory_seq_pos_max(llama_memory_t mem, llama_seq_id seq_id);
 llama_batch llama_batch_init(int32_t n_tokens, int32_t embd, int32_t n_seq_max);
 void llama_batch_free(llama_batch batch);
 int32_t llama_decode(struct llama_context * ctx, llama_batch batch);
-void llama_set_n_threads(struct llama_context * ctx, int32_t n_threads, int32_t n_threads_batch);
 float * llama_get_logits_ith(struct llama_context * ctx, int32_t i);
 bool llama_vocab_is_eog(const struct llama_vocab * vocab, llama_token token);
 llama_token llama_vocab_bos(const struct llama_vocab * vocab);
@@ -175,7 +166,6 @@ struct llama_sampler * llama_sampler_init_temp(float t);
 llama_token llama_sampler_sample(struct llama_sampler * smpl, struct llama_context * ctx, int32_t idx);
 void llama_sampler_accept(struct llama_sampler * smpl, llama_token token);
 void llama_sampler_free(struct llama_sampler * smpl);
-struct llama_perf_context_data llama_perf_context(const struct llama_context * ctx);
 int32_t llama_chess_n_levels(const struct llama_model * model);
 float llama_chess_level(const struct llama_model * model, int32_t i);
 float llama_chess_default_level(const struct llama_model * model);
@@ -185,7 +175,6 @@ float llama_chess_current_level(const struct llama_context * ctx);
 int32_t llama_chess_prefill_masked(const struct llama_context * ctx);
 int32_t llama_chess_stats(const struct llama_context * ctx, uint64_t * n_tokens, uint64_t * kept, uint64_t * total, int32_t n);
 void llama_chess_stats_reset(struct llama_context * ctx);
-void llama_perf_context_reset(struct llama_context * ctx);
 """
 
 # ggml (libggml-base): tensor reads for the eval callback, and the quantizer for convert.
@@ -204,10 +193,6 @@ const char * ggml_type_name(int type);
 """
 
 GGML_TYPE_F32 = 0
-
-
-class RuntimeError_(RuntimeError):
-    """Raised for runtime failures; the message names the file and the problem."""
 
 
 class LibraryNotFound(RuntimeError_):
@@ -250,19 +235,23 @@ _lib: Optional[_Lib] = None
 _lib_lock = threading.Lock()
 
 
+def lib_dir() -> Path:
+    """The folder of the patched build (libllama and the native programs): $CHESS_GGUF_LIB (a file
+    or a folder), else the build folder. Not checked: see find_library."""
+    env = os.environ.get("CHESS_GGUF_LIB")
+    if env:
+        p = Path(env)
+        return p.parent if p.is_file() else p
+    return DEFAULT_LIB_DIR
+
+
 def find_library() -> Path:
     """libllama from $CHESS_GGUF_LIB (a file or a folder), else the build folder."""
     env = os.environ.get("CHESS_GGUF_LIB")
-    candidates = []
-    if env:
-        p = Path(env)
-        candidates.append(p if p.is_file() else p / "libllama.so")
-    else:
-        candidates.append(DEFAULT_LIB_DIR / "libllama.so")
-    for c in candidates:
-        if c.is_file():
-            return c.absolute()
-    where = f"CHESS_GGUF_LIB={env}" if env else str(candidates[0])
+    c = Path(env) if env and Path(env).is_file() else lib_dir() / "libllama.so"
+    if c.is_file():
+        return c.absolute()
+    where = f"CHESS_GGUF_LIB={env}" if env else str(c)
     raise LibraryNotFound(f"patched libllama not found at {where}: run `make` in {REPO}")
 
 
@@ -274,39 +263,10 @@ def lib() -> _Lib:
         return _lib
 
 
-@functools.lru_cache(maxsize=4)
-def _gguf_reader(path: str, mtime_ns: int, size: int):
-    from .gguf_io import Reader  # local import: gguf pulls in more than the runtime needs
-    return Reader(path)
-
-
-def read_gguf(path: str | os.PathLike):
-    """A gguf-py reader of a checked file (see check_gguf_file). Parsing a file with a large
-    vocabulary takes seconds, so readers are cached per (path, mtime, size): a command that
-    checks, inspects and loads one file parses it once."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file")
-    if not p.is_file():
-        raise RuntimeError_(f"{p}: not a regular file")
-    with open(p, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise RuntimeError_(f"{p}: not a GGUF file (bad magic {magic!r})")
-    st = p.stat()
-    try:
-        r = _gguf_reader(str(p.resolve()), st.st_mtime_ns, st.st_size)
-    except Exception as e:  # the reader raises assorted errors on damaged files
-        raise RuntimeError_(f"{p}: truncated or corrupt GGUF ({e.__class__.__name__}: {e})") from None
-    end = max((int(t.data_offset) + int(t.n_bytes) for t in r.tensors), default=0)
-    if end > st.st_size:
-        raise RuntimeError_(f"{p}: truncated GGUF (tensor data ends at byte {end}, file has {st.st_size})")
-    return r
-
-
 def check_gguf_file(path: str | os.PathLike) -> Path:
     """Fail early, with the file named, on a missing, non-GGUF or truncated file."""
-    read_gguf(path)
+    from .gguf_io import read  # local import: gguf pulls in more than the bindings need
+    read(path)
     return Path(path)
 
 
@@ -328,7 +288,6 @@ class Model:
         self.vocab = L.llama.llama_model_get_vocab(self.ptr)
         self.n_embd = L.llama.llama_model_n_embd(self.ptr)
         self.n_layer = L.llama.llama_model_n_layer(self.ptr)
-        self.n_head = L.llama.llama_model_n_head(self.ptr)
         self.n_vocab = L.llama.llama_vocab_n_tokens(self.vocab)
 
     def close(self) -> None:
@@ -354,14 +313,14 @@ class Model:
         n = self._L.llama.llama_model_meta_val_str(self.ptr, key.encode(), buf, 4096)
         return None if n < 0 else ffi.string(buf).decode("utf-8", "replace")
 
-    def desc(self) -> str:
-        buf = self._L.ffi.new("char[]", 256)
-        self._L.llama.llama_model_desc(self.ptr, buf, 256)
-        return self._L.ffi.string(buf).decode()
-
     @property
     def add_bos(self) -> bool:
         return bool(self._L.llama.llama_vocab_get_add_bos(self.vocab))
+
+    @property
+    def bos(self) -> int:
+        """The vocabulary's BOS token (whether or not tokenize adds it)."""
+        return int(self._L.llama.llama_vocab_bos(self.vocab))
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         ffi, llama = self._L.ffi, self._L.llama
@@ -535,19 +494,12 @@ class Context:
     def chess_stats_reset(self) -> None:
         self._L.llama.llama_chess_stats_reset(self.ptr)
 
-    def set_threads(self, n: int) -> None:
-        self._L.llama.llama_set_n_threads(self.ptr, n, n)
-        self.n_threads = n
-
     def clear(self) -> None:
         self._L.llama.llama_memory_clear(self.mem, True)
         self.n_past = 0
 
     def seq_rm(self, seq: int, p0: int, p1: int = -1) -> None:
         self._L.llama.llama_memory_seq_rm(self.mem, seq, p0, p1)
-
-    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
-        self._L.llama.llama_memory_seq_cp(self.mem, src, dst, p0, p1)
 
     def decode(self, tokens: Sequence[int], *, pos0: Optional[int] = None, seq: int = 0,
                logits: str = "last") -> Optional[np.ndarray]:
@@ -602,12 +554,6 @@ class Context:
         ptr = self._L.llama.llama_get_logits_ith(self.ptr, 0)  # rows are contiguous from output 0
         return np.frombuffer(ffi.buffer(ptr, 4 * self.model.n_vocab * n), dtype=np.float32).reshape(n, -1).copy()
 
-    def perf(self) -> dict:
-        d = self._L.llama.llama_perf_context(self.ptr)
-        return {"prompt_ms": d.t_p_eval_ms, "prompt_tokens": d.n_p_eval, "eval_ms": d.t_eval_ms, "eval_tokens": d.n_eval}
-
-    def perf_reset(self) -> None:
-        self._L.llama.llama_perf_context_reset(self.ptr)
 
 
 class Sampler:

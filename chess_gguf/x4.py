@@ -34,6 +34,22 @@ def row_bytes(n_out: int) -> int:
     return BYTES_PER_32 * n_out
 
 
+def stored_shape(n_out: int, n_in: int) -> tuple[int, int]:
+    """The I8 tensor's GGUF shape (ne0, ne1) holding a weight of n_out outputs and n_in inputs."""
+    return row_bytes(n_out), n_in // 32
+
+
+def weight_shape(ne0: int, ne1: int) -> tuple[int, int]:
+    """(n_out, n_in) of the weight an x4 tensor of GGUF shape (ne0, ne1) holds."""
+    return ne0 // BYTES_PER_32, ne1 * 32
+
+
+def pair_bytes(n_bytes: int) -> int:
+    """Bytes of an x4 copy that every decoded token reads whatever the sparsity: the (a, b) pairs,
+    4 of every 20 bytes."""
+    return n_bytes * 4 // BYTES_PER_32
+
+
 def codes_affine(raw: np.ndarray, qt, n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Codes q [n_out, n_in] (uint8, 0..15) and pairs a, b [n_out, n_in // 32] (f32) of a 4-bit weight
     whose rows (raw: n_out rows of bytes, as stored in the GGUF) hold n_in weights each."""

@@ -35,7 +35,7 @@ def model_key(path: str) -> str:
 
 
 def collect(args) -> None:
-    from chess_gguf import gguf_io
+    from chess_gguf import format as fmt, gguf_io
     from chess_gguf.calibrate import arch_of
     from chess_gguf.runtime import Context, Model
 
@@ -46,7 +46,7 @@ def collect(args) -> None:
     if not wd.exists():
         d.mkdir(parents=True, exist_ok=True)
         reader = gguf_io.read(Path(args.model))
-        np.save(wd, np.stack([gguf_io.tensor_f32(reader, f"blk.{i}.ffn_down.weight") for i in range(model.n_layer)]))
+        np.save(wd, np.stack([fmt.tensor_f32(reader, f"blk.{i}.ffn_down.weight") for i in range(model.n_layer)]))
     text = Path(args.text).read_text(encoding="utf-8", errors="replace")
     toks = model.tokenize(text, add_special=False)[: args.tokens]
     ctx_len = args.ctx
@@ -313,7 +313,8 @@ def sensitivity(args) -> None:
     "nll": [[per layer per grid]]}."""
     import shutil
     from gguf import GGUFReader
-    from chess_gguf.evaluate import ppl_windows, window_nll
+    from chess_gguf.evaluate import ppl_windows
+    from chess_gguf.windows import window_nll
     from chess_gguf.runtime import Context, Model
     d = ROOT / model_key(args.src)
     grid = [float(x) for x in args.grid.split(",")]

@@ -161,7 +161,7 @@ def test_original_tensors_and_keys_byte_identical(smol_path, converted):
 
 
 def test_transposed_copy_is_the_transpose(smol_path, converted):
-    from chess_gguf.gguf_io import tensor_f32
+    from chess_gguf.format import tensor_f32
     a, b = GGUFReader(str(smol_path)), GGUFReader(str(converted))
     for name, src in (("blk.3.chess_wt_down", "blk.3.ffn_down.weight"), ("blk.3.chess_wt_q", "blk.3.attn_q.weight")):
         w = tensor_f32(a, src)
@@ -231,7 +231,7 @@ def test_bad_inputs_leave_no_output(tmp_path, smol_path, converted):
 def test_unsupported_architecture(tmp_path, smol_path):
     """A GGUF whose architecture has no parallel-gate FFN: rewrite SmolLM2's arch key."""
     from gguf import GGUFValueType
-    from chess_gguf.gguf_io import write_with_extras
+    from chess_gguf.writer import write_with_extras
     src = GGUFReader(str(smol_path))
     # keep it loadable by gguf-py only: the check happens before the model is loaded
     fake = tmp_path / "fake.gguf"

@@ -16,7 +16,7 @@ def test_struct_layouts_match_the_c_compiler(tmp_path):
     """Our cdef mirrors llama.h by hand: check every size and field offset against gcc."""
     ffi = lib().ffi
     structs = {"struct llama_model_params": None, "struct llama_context_params": None,
-               "llama_batch": None, "struct ggml_tensor": None, "struct llama_perf_context_data": None}
+               "llama_batch": None, "struct ggml_tensor": None}
     lines = []
     for s in structs:
         lines.append(f'printf("{s} size %zu\\n", sizeof({s}));')

@@ -6,7 +6,7 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize
 
-from chess_gguf import gguf_io, x4
+from chess_gguf import format as fmt, gguf_io, writer, x4
 from chess_gguf.runtime import quantize_rows
 
 
@@ -60,7 +60,7 @@ def _recopy(src, orig, out, exact, wt_type=None):
             kv[name] = (f.contents(), f.types[0], sub)
     thr = [(t.name, np.array(t.data, dtype=np.float32), None) for t in r.tensors if ".chess_" in t.name and ".chess_wt_" not in t.name]
     n_layer = sum(1 for t in r.tensors if t.name.endswith(".chess_ffn_tau"))
-    gguf_io.write_with_extras(ro, out, kv, thr + transposed_tensors(ro, n_layer, wt_type, False, exact=exact), progress=False)
+    writer.write_with_extras(ro, out, kv, thr + transposed_tensors(ro, n_layer, wt_type, False, exact=exact), progress=False)
     return out
 
 
@@ -77,7 +77,7 @@ def test_x4_file(smol_path, smol_copies):
     """Every copy of SmolLM2 (all Q4_1) is x4, holds exactly the original's weights, and the file is as
     large as with requantized Q4_1 copies."""
     r = gguf_io.read(smol_copies["x4"])
-    info = gguf_io.check_chess(r, smol_copies["x4"])
+    info = fmt.check_chess(r, smol_copies["x4"])
     copies = [t for (il, kind), t in info["tensors"].items() if kind.startswith("chess_wt_")]
     assert len(copies) == 90 and all(t.tensor_type == QT.I8 for t in copies)
     assert smol_copies["x4"].stat().st_size == smol_copies["q4_1"].stat().st_size
@@ -85,7 +85,7 @@ def test_x4_file(smol_path, smol_copies):
     assert {t.tensor_type for t in q41.tensors if ".chess_wt_" in t.name} == {QT.Q4_1}
     orig = gguf_io.read(smol_path)
     for name, src in (("blk.7.chess_wt_down", "blk.7.ffn_down.weight"), ("blk.7.chess_wt_o", "blk.7.attn_output.weight")):
-        assert np.array_equal(gguf_io.tensor_f32(r, name), gguf_io.tensor_f32(orig, src).T), name
+        assert np.array_equal(fmt.tensor_f32(r, name), fmt.tensor_f32(orig, src).T), name
 
 
 def prompt_logits(path, method, level):

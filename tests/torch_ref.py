@@ -237,7 +237,7 @@ def sparse_weights(model, chess_path: str):
     """
     from gguf import GGUFReader
 
-    from chess_gguf.gguf_io import tensor_f32
+    from chess_gguf.format import tensor_f32
 
     r = GGUFReader(str(chess_path))
 

@@ -19,7 +19,7 @@ from .calibrate import SUPPORTED, SUPPORTED_ARCHS, CalibStats, activation_of, ca
 from .options import LAYOUTS
 from .runtime import Context, Model, quantize_rows
 from .windows import bos_replacing, bos_tokens, window_nll
-from .writer import sigterm_as_interrupt, write_with_extras
+from .writer import patch_string, sigterm_as_interrupt, write_with_extras
 from .thresholds import (RULES, channel_stat, check_levels, column_norms, error_curve, greedy_budget,
                          hist_chess_thresholds, hist_fraction_below, hist_scalar_thresholds, rule_weights)
 
@@ -211,33 +211,25 @@ def held_out_nll(path: Path, windows: list[list[int]], levels: Sequence[float], 
     return float(np.mean(per_level))
 
 
-def choose_rule(reader, out_p: Path, kv: dict, cands: dict[str, list[dict]], attention: bool, no_q: Sequence[int],
-                wts: list[tuple], drop: set, windows: list[list[int]], levels: Sequence[float], threads: Optional[int]) -> dict[str, float]:
-    """Held-out NLL of each candidate rule's thresholds, through the runtime: the output written once to a
-    temporary file (the candidates differ only in chess_ffn_tau, rewritten in place between runs),
-    removed afterwards."""
+def choose_rule(path: Path, cands: dict[str, list[dict]], windows: list[list[int]], levels: Sequence[float],
+                threads: Optional[int]) -> dict[str, float]:
+    """Held-out NLL of each candidate rule's thresholds, through the runtime, on the written output
+    (the candidates differ only in chess_ffn_tau, rewritten in place between runs); the file is left
+    with the best candidate's thresholds."""
     from gguf import GGUFReader
-    tmp = out_p.with_name(f".{out_p.name}.rule-{os.getpid()}")
-    first = next(iter(cands.values()))
     scores = {}
-    with sigterm_as_interrupt():
-        try:
-            try:
-                write_with_extras(reader, tmp, kv, threshold_tensors(first, attention, no_q) + wts, progress=False,
-                                          drop=drop)
-            except ValueError as e:  # full disk and the like: name the output the user asked for
-                raise ValueError(f"{out_p}: choosing the rule: {e}") from None
-            rd = GGUFReader(tmp, "r+")
-            taus = {t.name: t for t in rd.tensors if t.name.endswith(".chess_ffn_tau")}
-            for rule, thr in cands.items():
-                for il, t in enumerate(thr):
-                    d = taus[f"blk.{il}.chess_ffn_tau"].data
-                    d[...] = np.asarray(t["ffn_tau"], dtype=np.float32).reshape(d.shape)
-                rd.data.flush()
-                scores[rule] = held_out_nll(tmp, windows, levels, threads)
-            del rd, taus
-        finally:
-            tmp.unlink(missing_ok=True)
+    for rule, thr in list(cands.items()) + [(None, None)]:
+        if rule is None:  # last: the winner's thresholds
+            thr = cands[min(scores, key=scores.get)]
+        rd = GGUFReader(path, "r+")
+        taus = {t.name: t for t in rd.tensors if t.name.endswith(".chess_ffn_tau")}
+        for il, t in enumerate(thr):
+            d = taus[f"blk.{il}.chess_ffn_tau"].data
+            d[...] = np.asarray(t["ffn_tau"], dtype=np.float32).reshape(d.shape)
+        rd.data.flush()
+        del rd, taus
+        if rule is not None:
+            scores[rule] = held_out_nll(path, windows, levels, threads)
     return scores
 
 
@@ -385,20 +377,34 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
         "chess.tool_version": (f"chess_gguf {__version__}", VT.STRING, None),
         "chess.layout": (opt.layout, VT.STRING, None),
     }
-    scores = None
-    if len(cands) > 1:
+    # Written once: with several candidate rules, the output is written (to a hidden file beside it)
+    # with the first one's thresholds, the candidates are scored on it in place, and the winner's
+    # thresholds and name are patched in before it is renamed into place.
+    scores, rule = None, kv["chess.rule"][0]
+    tensors = threshold_tensors(cands[rule], opt.attention, no_q)
+    if len(cands) == 1:
+        write_with_extras(reader, out_p, kv, tensors + wts, progress=opt.progress, drop=drop)
+    else:
         auto_levels = [lv for lv in levels if lv in AUTO_LEVELS] or [float(opt.default_level)]
-        if opt.progress:
-            print(f"choosing the rule ({', '.join(cands)}): held-out NLL of {len(windows)} windows at level(s) "
-                  f"{', '.join(f'{x:g}' for x in auto_levels)} ...", file=sys.stderr, flush=True)
-        scores = choose_rule(reader, out_p, kv, cands, opt.attention, no_q, wts, drop, windows, auto_levels, opt.threads)
-        if opt.progress:
-            print("  " + ", ".join(f"{r} {v:.4f}" for r, v in scores.items()), file=sys.stderr, flush=True)
-    rule = min(scores, key=scores.get) if scores else next(iter(cands))
-    kv["chess.rule"] = (rule, VT.STRING, None)
+        tmp = out_p.with_name(f".{out_p.name}.rule-{os.getpid()}")
+        with sigterm_as_interrupt():
+            try:
+                write_with_extras(reader, tmp, kv, tensors + wts, progress=opt.progress, drop=drop, named=out_p)
+                if opt.progress:
+                    print(f"choosing the rule ({', '.join(cands)}): held-out NLL of {len(windows)} windows at "
+                          f"level(s) {', '.join(f'{x:g}' for x in auto_levels)} ...", file=sys.stderr, flush=True)
+                scores = choose_rule(tmp, cands, windows, auto_levels, opt.threads)
+                if opt.progress:
+                    print("  " + ", ".join(f"{r} {v:.4f}" for r, v in scores.items()), file=sys.stderr, flush=True)
+                rule = min(scores, key=scores.get)
+                if rule != kv["chess.rule"][0] and not patch_string(tmp, "chess.rule", rule):
+                    kv["chess.rule"] = (rule, VT.STRING, None)  # the header would move the data: write again
+                    write_with_extras(reader, tmp, kv, threshold_tensors(cands[rule], opt.attention, no_q) + wts,
+                                      progress=opt.progress, drop=drop, named=out_p)
+                os.replace(tmp, out_p)
+            finally:
+                tmp.unlink(missing_ok=True)
     thr = cands[rule]
-    tensors = threshold_tensors(thr, opt.attention, no_q)
-    write_with_extras(reader, out_p, kv, tensors + wts, progress=opt.progress, drop=drop)
     sp = calib_sparsity(st, thr, levels)
     size_in, size_out = inp_p.stat().st_size, out_p.stat().st_size
     return {

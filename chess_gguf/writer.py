@@ -37,12 +37,14 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 def write_with_extras(reader: GGUFReader, out: Path, kv: dict[str, tuple[Any, GGUFValueType, Optional[GGUFValueType]]],
                       tensors: list[tuple[str, np.ndarray, Optional[GGMLQuantizationType]]],
-                      *, progress: bool = True, drop: frozenset[str] | set[str] = frozenset()) -> None:
+                      *, progress: bool = True, drop: frozenset[str] | set[str] = frozenset(),
+                      named: Optional[Path] = None) -> None:
     """Write reader's keys and tensors (minus any old CHESS content and the tensors named in `drop`)
     plus `kv` and `tensors`.
 
     tensors: (name, data, raw_dtype); raw_dtype None for float arrays, else data is uint8 bytes of shape
-    [rows, bytes per row].
+    [rows, bytes per row]. named: the file errors name (the output the user asked for, when `out` is
+    a temporary file of the caller's).
     """
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -84,5 +86,35 @@ def write_with_extras(reader: GGUFReader, out: Path, kv: dict[str, tuple[Any, GG
             except FileNotFoundError:
                 pass
             if isinstance(e, OSError):  # full disk, file size limit, I/O error: one line naming the file
-                raise ValueError(f"{out}: writing failed ({e.strerror or e}); nothing was written") from None
+                raise ValueError(f"{named or out}: writing failed ({e.strerror or e}); nothing was written") from None
             raise
+
+
+def patch_string(path: Path, key: str, value: str) -> bool:
+    """Set a string key of a written GGUF in place, when its header still ends in the same aligned
+    place (the tensor data does not move): True; else the file is left as it was: False.
+
+    A key's value changing length shifts the rest of the header (the tensor infos, whose offsets
+    are relative to the data section) by the difference; the zero padding before the data absorbs
+    it unless the header would cross an alignment boundary (about 1 in 32 for one byte)."""
+    r = GGUFReader(path)
+    f = r.fields[key]
+    if f.types != [GGUFValueType.STRING]:
+        raise ValueError(f"{path}: {key}: not a string")
+    start = f.offset
+    end = start + sum(int(p.nbytes) for p in f.parts)
+    last = r.tensors[-1].field if r.tensors else max(r.fields.values(), key=lambda x: x.offset)
+    header_end = last.offset + sum(int(p.nbytes) for p in last.parts)
+    data_start, align = int(r.data_offset), int(r.alignment)
+    raw = value.encode("utf-8")
+    head = b"".join(bytes(p) for p in f.parts[:3])  # key length, key, value type
+    field = head + np.uint64(len(raw)).tobytes() + raw
+    rest = bytes(r.data[end:header_end])
+    new_end = start + len(field) + len(rest)
+    del r
+    if -(-new_end // align) * align != data_start:
+        return False
+    with open(path, "r+b") as fh:
+        fh.seek(start)
+        fh.write(field + rest + bytes(data_start - new_end))
+    return True

@@ -258,3 +258,35 @@ def test_convert_refuses_meaningless_arguments(smol_path, tmp_path, args, needle
     assert r.returncode == 2 and needle in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("python -m chess_gguf convert: error:"), r.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_patch_string_in_place(tmp_path, smol_path):
+    """The rule choice patches chess.rule into the written file: the result is byte for byte the file
+    written with that value; a value that would move the tensor data is refused, the file untouched."""
+    from gguf import GGUFValueType as VT
+    from chess_gguf.writer import patch_string, write_with_extras
+    src = GGUFReader(str(smol_path))
+    kv = lambda v: {"chess.stat": ("mean-abs", VT.STRING, None), "chess.rule": (v, VT.STRING, None),  # noqa: E731
+                    "chess.layout": ("dual", VT.STRING, None)}
+    files = {}
+    for v in ("chess", "wchess"):
+        files[v] = tmp_path / f"{v}.gguf"
+        write_with_extras(src, files[v], kv(v), [], progress=False)
+    a = tmp_path / "a.gguf"
+    done = 0
+    for have, want in (("chess", "wchess"), ("wchess", "chess")):
+        a.write_bytes(files[have].read_bytes())
+        r = GGUFReader(str(a))
+        last = r.tensors[-1].field
+        header_end = last.offset + sum(int(p.nbytes) for p in last.parts)
+        fits = -(-(header_end + len(want) - len(have)) // 32) * 32 == r.data_offset
+        del r
+        assert patch_string(a, "chess.rule", want) == fits
+        if fits:
+            assert a.read_bytes() == files[want].read_bytes(), (have, want)
+            assert GGUFReader(str(a)).fields["chess.rule"].contents() == want
+            done += 1
+    assert done  # one byte more or less fits one way at least
+    before = a.read_bytes()
+    assert not patch_string(a, "chess.rule", "x" * 40)  # 40 more bytes cannot fit in < 32 of padding
+    assert a.read_bytes() == before

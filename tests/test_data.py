@@ -1,4 +1,4 @@
-"""chess_gguf.data: wikitext cleaning on handwritten snippets, and the files `make data` builds."""
+"""chess_gguf.data and scripts/corpus.py: wikitext cleaning on handwritten snippets, and the files `make data` builds."""
 import json
 import sys
 from pathlib import Path
@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # uninstalled checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))  # corpus.py: the cleaning
+import corpus as C  # noqa: E402
 from chess_gguf import data as D  # noqa: E402
 
 # --- clean_wikitext -------------------------------------------------------------------------
@@ -14,44 +16,44 @@ from chess_gguf import data as D  # noqa: E402
 def test_nested_templates_and_infobox():
     markup = ("{{Infobox person\n| name = X\n| birth = {{birth date|1900|1|2}}\n| image = {{!}}\n}}\n"
               "Paris{{efn|a note {{citation needed|date=May 2010}} here}} is big.{{sfn|Smith|2001|p=3}}")
-    assert D.clean_wikitext(markup) == "Paris is big."
+    assert C.clean_wikitext(markup) == "Paris is big."
 
 
 def test_inline_templates_render():
-    assert D.clean_wikitext("It is {{convert|5|km|mi}} long, {{lang|fr|très}} {{nowrap|long}}.") == \
+    assert C.clean_wikitext("It is {{convert|5|km|mi}} long, {{lang|fr|très}} {{nowrap|long}}.") == \
         "It is 5 km long, très long."
-    assert D.clean_wikitext("Born {{birth date|1900|1|2}}, in Rome.") == "Born 2 January 1900, in Rome."
+    assert C.clean_wikitext("Born {{birth date|1900|1|2}}, in Rome.") == "Born 2 January 1900, in Rome."
 
 
 def test_links():
-    assert D.clean_wikitext("[[Paris|the capital]] of [[France]] has [[cat]]s and [[:Category:Cities|cities]].") == \
+    assert C.clean_wikitext("[[Paris|the capital]] of [[France]] has [[cat]]s and [[:Category:Cities|cities]].") == \
         "the capital of France has cats and cities."
     # category and interlanguage links vanish; a pipe trick shows the bare title
-    assert D.clean_wikitext("Text [[Boston (band)|]].\n[[Category:Bands]]\n[[de:Boston]]") == "Text Boston."
+    assert C.clean_wikitext("Text [[Boston (band)|]].\n[[Category:Bands]]\n[[de:Boston]]") == "Text Boston."
 
 
 def test_refs_and_comments():
     markup = ('One.<ref name="a">{{cite web|url=http://x|title=T}}</ref> Two.<ref name=a /> '
               'Three<!-- hidden\ncomment -->.<ref>plain [[link]] ref</ref>')
-    assert D.clean_wikitext(markup) == "One. Two. Three."
+    assert C.clean_wikitext(markup) == "One. Two. Three."
 
 
 def test_file_links_with_nested_links_in_caption():
     markup = ("[[File:Cat.jpg|thumb|left|A [[cat]] on a [[mat|rug]], see [http://x.org here].]]"
               "The cat sat.\n[[Image:Dog.png|frame|[[Dog]]s [[bark]]]] Dogs bark.")
-    assert D.clean_wikitext(markup) == "The cat sat. Dogs bark."
+    assert C.clean_wikitext(markup) == "The cat sat. Dogs bark."
 
 
 def test_tables_nested_and_html():
     markup = ("Before.\n{| class=\"wikitable\"\n|-\n! A !! B\n|-\n| 1 || {|\n| inner\n|}\n|}\n"
               "<table><tr><td>cell</td></tr></table>\nAfter.")
-    assert D.clean_wikitext(markup) == "Before.\n\nAfter."  # a table ends the paragraph
+    assert C.clean_wikitext(markup) == "Before.\n\nAfter."  # a table ends the paragraph
 
 
 def test_entities_markup_and_external_links():
     markup = ("'''Bold''' and ''italic'' A&nbsp;B &amp; C&mdash;D &lt;x&gt;; "
               "[http://example.org the site] and [https://bare.example.org].<br/>End<sup>2</sup>.")
-    assert D.clean_wikitext(markup) == "Bold and italic A B & C—D <x>; the site and. End2."
+    assert C.clean_wikitext(markup) == "Bold and italic A B & C—D <x>; the site and. End2."
 
 
 def test_sections_headings_lists_and_paragraphs():
@@ -61,7 +63,7 @@ def test_sections_headings_lists_and_paragraphs():
               "== Notes ==\n=== Sub note ===\nnote text\n"
               "== Life ==\nLived.\n----\n"
               "== See also ==\n* [[Other]]\n== References ==\n{{reflist}}\n== External links ==\n* [http://x y]")
-    assert D.clean_wikitext(markup) == (
+    assert C.clean_wikitext(markup) == (
         "Lead line one continues here.\n\nSecond paragraph.\n\nHistory\n\nEarly\n\n"
         "item one\nitem two\nnumbered\n\nLife\n\nLived.")
 
@@ -73,13 +75,13 @@ def test_iter_pages_skips_redirects_and_other_namespaces():
       <page><title>Wikipedia:Help</title><ns>4</ns><revision><text>Help.</text></revision></page>
       <page><title>Sneaky</title><ns>0</ns><revision><text>#redirect [[Real]]</text></revision></page>
     </mediawiki>"""
-    assert list(D.iter_pages(xml)) == [("Real", "Some '''text'''.")]
+    assert list(C.iter_pages(xml)) == [("Real", "Some '''text'''.")]
 
 
 def test_split_articles_deterministic_and_by_characters():
     arts = [(f"T{i}", "x" * (100 + 37 * i)) for i in range(50)]
-    calib, evals = D.split_articles(arts, 0.6)
-    assert D.split_articles(list(reversed(arts)), 0.6) == (calib, evals)  # order-independent
+    calib, evals = C.split_articles(arts, 0.6)
+    assert C.split_articles(list(reversed(arts)), 0.6) == (calib, evals)  # order-independent
     assert {t for t, _ in calib}.isdisjoint(t for t, _ in evals) and len(calib) + len(evals) == 50
     frac = sum(len(x) for _, x in calib) / sum(len(x) for _, x in arts)
     assert 0.6 <= frac < 0.65
@@ -173,19 +175,19 @@ def test_domain_builders_on_handmade_records():
     lam = [{"request": {"context": "He  opened the\u00a0door and saw", "continuation": " Anna"}},
            {"request": {"context": "He opened the door and saw", "continuation": " Anna"}},  # same passage
            {"request": {"context": "Rain fell.", "continuation": " Again"}}]
-    assert D.lambada_passages(lam) == ["He opened the door and saw Anna", "Rain fell. Again"]
+    assert C.lambada_passages(lam) == ["He opened the door and saw Anna", "Rain fell. Again"]
     coqa = [{"doc": {"source": "cnn", "story": "(CNN) -- A  b.\n\nC d."}},
             {"doc": {"source": "cnn", "story": "(CNN) -- A  b.\n\nC d."}},
             {"doc": {"source": "race", "story": "Other."}}]
-    assert D.coqa_stories(coqa, "cnn") == ["(CNN) -- A b.\nC d."]
+    assert C.coqa_stories(coqa, "cnn") == ["(CNN) -- A b.\nC d."]
     qas = [{"doc": {"title": "T", "abstract": "Abs.", "full_text": {
         "section_name": ["Intro", "Table"],
         "paragraphs": [["We use BERT BIBREF12 , and\nmore words UNKREF3 here.", "short"], ["1 2"]]}}},
            {"doc": {"title": "T", "abstract": "dup", "full_text": {"section_name": [], "paragraphs": []}}}]
-    assert D.qasper_papers(qas) == ["T\n\nAbs.\n\nIntro\n\nWe use BERT , and more words here."]
+    assert C.qasper_papers(qas) == ["T\n\nAbs.\n\nIntro\n\nWe use BERT , and more words here."]
     items = [f"p{i}" for i in range(10)]
-    c1, e1 = D.split_by_hash(items, 0.5)
-    assert (c1, e1) == D.split_by_hash(list(reversed(items)), 0.5)  # order-independent
+    c1, e1 = C.split_by_hash(items, 0.5)
+    assert (c1, e1) == C.split_by_hash(list(reversed(items)), 0.5)  # order-independent
     assert len(c1) == 5 and set(c1).isdisjoint(e1) and set(c1) | set(e1) == set(items)
     with pytest.raises(ValueError, match="unknown text domain"):
         D.domain_path("poetry")

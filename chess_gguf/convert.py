@@ -211,25 +211,29 @@ def held_out_nll(path: Path, windows: list[list[int]], levels: Sequence[float], 
     return float(np.mean(per_level))
 
 
+def _write_tau(path: Path, thr: list[dict]) -> None:
+    """Rewrite a written file's chess_ffn_tau tensors in place."""
+    from gguf import GGUFReader
+    rd = GGUFReader(path, "r+")
+    taus = {t.name: t for t in rd.tensors if t.name.endswith(".chess_ffn_tau")}
+    for il, t in enumerate(thr):
+        d = taus[f"blk.{il}.chess_ffn_tau"].data
+        d[...] = np.asarray(t["ffn_tau"], dtype=np.float32).reshape(d.shape)
+    rd.data.flush()
+
+
 def choose_rule(path: Path, cands: dict[str, list[dict]], windows: list[list[int]], levels: Sequence[float],
                 threads: Optional[int]) -> dict[str, float]:
     """Held-out NLL of each candidate rule's thresholds, through the runtime, on the written output
     (the candidates differ only in chess_ffn_tau, rewritten in place between runs); the file is left
     with the best candidate's thresholds."""
-    from gguf import GGUFReader
     scores = {}
-    for rule, thr in list(cands.items()) + [(None, None)]:
-        if rule is None:  # last: the winner's thresholds
-            thr = cands[min(scores, key=scores.get)]
-        rd = GGUFReader(path, "r+")
-        taus = {t.name: t for t in rd.tensors if t.name.endswith(".chess_ffn_tau")}
-        for il, t in enumerate(thr):
-            d = taus[f"blk.{il}.chess_ffn_tau"].data
-            d[...] = np.asarray(t["ffn_tau"], dtype=np.float32).reshape(d.shape)
-        rd.data.flush()
-        del rd, taus
-        if rule is not None:
-            scores[rule] = held_out_nll(path, windows, levels, threads)
+    for rule, thr in cands.items():
+        _write_tau(path, thr)
+        scores[rule] = held_out_nll(path, windows, levels, threads)
+    best = min(scores, key=scores.get)
+    if best != rule:
+        _write_tau(path, cands[best])
     return scores
 
 

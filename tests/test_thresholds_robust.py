@@ -144,7 +144,7 @@ def test_convert_rule_and_budget_end_to_end(smol_path, tmp_path):
     assert r.returncode == 2 and "invalid choice" in r.stderr
 
 
-def test_convert_rule_auto(smol_path, tmp_path):
+def test_convert_rule_auto(smol_path, tmp_path, monkeypatch):
     """--rule auto (the default) scores chess and wchess on held-out calibration tokens through the runtime,
     keeps the lower NLL, records it in chess.rule and leaves no temporary file; with no held-out text
     it falls back to the paper's rule and says so."""
@@ -159,6 +159,15 @@ def test_convert_rule_auto(smol_path, tmp_path):
     assert sc["chess"] != sc["wchess"]
     assert res["rule"] == min(sc, key=sc.get) == GGUFReader(out).fields["chess.rule"].contents()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.chess.gguf"]
+    # the output is written once with the first candidate's thresholds and name, the winner's patched in
+    # place: with the candidates in the other order (so that one of the two runs patches), the same file
+    import chess_gguf.convert as C
+    monkeypatch.setattr(C, "AUTO_RULES", tuple(reversed(C.AUTO_RULES)))
+    other = tmp_path / "o.chess.gguf"
+    res2 = convert(str(smol_path), str(other), Options(levels=(0.5,), calib_tokens=2048, attention=False,
+                                                       threads=2, progress=False))
+    assert res2["rule_scores"] == sc and out.read_bytes() == other.read_bytes()
+    other.unlink()
     short = tmp_path / "short.txt"
     short.write_text(default_calib_path().read_text(encoding="utf-8")[:20000], encoding="utf-8")  # ~4.5k tokens
     res = convert(str(smol_path), str(tmp_path / "b.gguf"), Options(levels=(0.5,), calib_tokens=4096, calib_files=[str(short)],

@@ -600,6 +600,117 @@ static void ch_x4_avx2(const char * w, size_t nb1, int64_t n_out, const ch_x4_pl
     }
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define CH_DPBUSD(acc, a, b) _mm256_dpbusd_epi32((acc), (a), (b))
+#define CH_X4_VNNI "avx512-x4"
+#elif defined(__AVXVNNI__)
+#define CH_DPBUSD(acc, a, b) _mm256_dpbusd_avx_epi32((acc), (a), (b))
+#define CH_X4_VNNI "avxvnni-x4"
+#endif
+
+#if defined(CH_X4_VNNI)
+// x4 through VNNI: 4 channels (2 pairs of the plan) per vpdpbusd, int32 sums in registers. Per 64
+// columns the 4 code rows are interleaved byte by byte (unpack 8 then 16: dword k = the 4 channels'
+// byte k), and each dword is multiplied by (u_a0, u_b0, u_a1, u_b1): F = sum u*(lo + 16 hi) on the
+// whole bytes, H = sum u*16 hi on the bytes & 0xF0, so lo = F - H and hi = H >> 4 without a nibble
+// shift. No int16 segments (|sum| <= 32 * 255 * 127); one flush per group and 64 columns, written as
+// ch_x4_generic writes it, so the two are bit-identical (the kernel test checks it).
+CH_INLINE void ch_x4v_flush8(float * y, const ggml_fp16_t * a, const ggml_fp16_t * b, __m256i t, __m256 sv, __m256 sUv) {
+    const __m256 as = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) a)), sv);
+    const __m256 yb = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) b)), sUv, _mm256_loadu_ps(y));
+    _mm256_storeu_ps(y, _mm256_fmadd_ps(as, _mm256_cvtepi32_ps(t), yb));
+}
+
+static void ch_x4_vnni(const char * w, size_t nb1, int64_t n_out, const ch_x4_plan * pl, float * y,
+                       int64_t j0, int64_t j1) {
+    const size_t cs = (size_t) n_out / 2;
+    const __m256i mhi = _mm256_set1_epi8((char) 0xF0);
+    const uint8_t * rp[4 * 8];
+    int32_t uq[8];
+    const int64_t max_lines = (4 * CH_TILE_COLS + 16 * CH_TILE_COLS) / 64 + 34; // pairs + 32 code rows of nt/2
+    ch_pf_list pf = { ch_scratch(CH_BUF_TILE, (size_t) max_lines * sizeof(char *)), 0, 0 };
+    memset(y + j0, 0, (size_t) (j1 - j0) * sizeof(float));
+    if (pl->ng > 0) { // the first unit: in one go
+        const int64_t nt = j1 - j0 < CH_TILE_COLS ? j1 - j0 : CH_TILE_COLS;
+        ch_x4_pf_group(&pf, w, nb1, n_out, &pl->grp[0], &pl->pair[pl->grp[0].p0], j0, nt);
+        ch_pf_step(&pf, pf.n);
+    }
+    for (int64_t e = 0; e < pl->ng; e++) {
+        const ch_x4_group * G = &pl->grp[e];
+        const ch_x4_pair  * P = &pl->pair[G->p0];
+        const char * row = w + (size_t) G->g * nb1;
+        const __m256 sv = _mm256_set1_ps(G->s), sUv = _mm256_set1_ps(G->s * (float) G->U);
+        const int nq = (G->np + 1) / 2; // an odd last pair is multiplied twice, the second time by 0
+        for (int q = 0; q < nq; q++) {
+            const ch_x4_pair * P1 = 2 * q + 1 < G->np ? &P[2 * q + 1] : &P[2 * q];
+            uq[q] = (int32_t) ((uint32_t) (uint16_t) P[2 * q].pb | (uint32_t) (2 * q + 1 < G->np ? (uint16_t) P1->pb : 0) << 16);
+        }
+        for (int64_t jt = j0; jt < j1; jt += CH_TILE_COLS) {
+            const int64_t nt = j1 - jt < CH_TILE_COLS ? j1 - jt : CH_TILE_COLS, nch = (nt + 63) / 64;
+            const uint8_t * codes = (const uint8_t *) row + 4 * n_out + jt / 2;
+            const ggml_fp16_t * a = (const ggml_fp16_t *) row + jt, * b = a + n_out;
+            // the next unit's lines, spread over this unit's chunks
+            pf.n = pf.i = 0;
+            if (jt + CH_TILE_COLS < j1) {
+                const int64_t jn = jt + CH_TILE_COLS;
+                ch_x4_pf_group(&pf, w, nb1, n_out, G, P, jn, j1 - jn < CH_TILE_COLS ? j1 - jn : CH_TILE_COLS);
+            } else if (e + 1 < pl->ng) {
+                ch_x4_pf_group(&pf, w, nb1, n_out, &pl->grp[e + 1], &pl->pair[pl->grp[e + 1].p0], j0,
+                               j1 - j0 < CH_TILE_COLS ? j1 - j0 : CH_TILE_COLS);
+            }
+            const int64_t pfk = (pf.n + nch - 1) / nch;
+            for (int q = 0; q < nq; q++) {
+                const ch_x4_pair * P1 = 2 * q + 1 < G->np ? &P[2 * q + 1] : &P[2 * q];
+                rp[4 * q]     = codes + P[2 * q].ca * cs;
+                rp[4 * q + 1] = codes + P[2 * q].cb * cs;
+                rp[4 * q + 2] = codes + P1->ca * cs;
+                rp[4 * q + 3] = codes + P1->cb * cs;
+            }
+            for (int64_t jc = 0; jc < nt; jc += 64) {
+                const bool half = nt - jc < 64;
+                ch_pf_step(&pf, pfk);
+                __m256i F0 = _mm256_setzero_si256(), F1 = F0, F2 = F0, F3 = F0, H0 = F0, H1 = F0, H2 = F0, H3 = F0;
+                for (int q = 0; q < nq; q++) {
+                    __m256i r[4];
+                    for (int i = 0; i < 4; i++) {
+                        const uint8_t * p = rp[4 * q + i] + jc / 2;
+                        r[i] = half ? _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *) p))
+                                    : _mm256_loadu_si256((const __m256i *) p);
+                    }
+                    const __m256i u = _mm256_set1_epi32(uq[q]);
+                    const __m256i l01 = _mm256_unpacklo_epi8(r[0], r[1]), h01 = _mm256_unpackhi_epi8(r[0], r[1]);
+                    const __m256i l23 = _mm256_unpacklo_epi8(r[2], r[3]), h23 = _mm256_unpackhi_epi8(r[2], r[3]);
+                    const __m256i q0 = _mm256_unpacklo_epi16(l01, l23), q1 = _mm256_unpackhi_epi16(l01, l23);
+                    const __m256i q2 = _mm256_unpacklo_epi16(h01, h23), q3 = _mm256_unpackhi_epi16(h01, h23);
+                    F0 = CH_DPBUSD(F0, q0, u); H0 = CH_DPBUSD(H0, _mm256_and_si256(q0, mhi), u);
+                    F1 = CH_DPBUSD(F1, q1, u); H1 = CH_DPBUSD(H1, _mm256_and_si256(q1, mhi), u);
+                    F2 = CH_DPBUSD(F2, q2, u); H2 = CH_DPBUSD(H2, _mm256_and_si256(q2, mhi), u);
+                    F3 = CH_DPBUSD(F3, q3, u); H3 = CH_DPBUSD(H3, _mm256_and_si256(q3, mhi), u);
+                }
+                // qk holds columns {4k..4k+3 | 32+4k..} (lo nibbles) and {16+4k.. | 48+4k..} (hi)
+                const __m256i l0 = _mm256_sub_epi32(F0, H0), l1 = _mm256_sub_epi32(F1, H1);
+                const __m256i l2 = _mm256_sub_epi32(F2, H2), l3 = _mm256_sub_epi32(F3, H3);
+                const __m256i g0 = _mm256_srai_epi32(H0, 4), g1 = _mm256_srai_epi32(H1, 4);
+                const __m256i g2 = _mm256_srai_epi32(H2, 4), g3 = _mm256_srai_epi32(H3, 4);
+                float * yc = y + jt + jc;
+                const ggml_fp16_t * ac = a + jc, * bc = b + jc;
+                ch_x4v_flush8(yc,      ac,      bc,      _mm256_permute2x128_si256(l0, l1, 0x20), sv, sUv);
+                ch_x4v_flush8(yc + 8,  ac + 8,  bc + 8,  _mm256_permute2x128_si256(l2, l3, 0x20), sv, sUv);
+                ch_x4v_flush8(yc + 16, ac + 16, bc + 16, _mm256_permute2x128_si256(g0, g1, 0x20), sv, sUv);
+                ch_x4v_flush8(yc + 24, ac + 24, bc + 24, _mm256_permute2x128_si256(g2, g3, 0x20), sv, sUv);
+                if (!half) {
+                    ch_x4v_flush8(yc + 32, ac + 32, bc + 32, _mm256_permute2x128_si256(l0, l1, 0x31), sv, sUv);
+                    ch_x4v_flush8(yc + 40, ac + 40, bc + 40, _mm256_permute2x128_si256(l2, l3, 0x31), sv, sUv);
+                    ch_x4v_flush8(yc + 48, ac + 48, bc + 48, _mm256_permute2x128_si256(g0, g1, 0x31), sv, sUv);
+                    ch_x4v_flush8(yc + 56, ac + 56, bc + 56, _mm256_permute2x128_si256(g2, g3, 0x31), sv, sUv);
+                }
+            }
+            ch_pf_step(&pf, pf.n); // what is left of the next unit
+        }
+    }
+}
+#endif // CH_X4_VNNI
+
 // ---------------------------------------------------------------------------------------------
 // active inputs and routes
 
@@ -673,7 +784,18 @@ ch_in_fn ch_in_route_isa(enum ggml_type type, const char ** name) {
 }
 
 ch_x4_fn ch_x4_route_isa(const char ** name) {
+#if defined(CH_X4_VNNI)
+    static int avx2 = -1; // CHESS_X4_AVX2=1: the AVX2 route, for A/B runs of the benchmarks (docs/kernels.md)
+    if (avx2 < 0) avx2 = getenv("CHESS_X4_AVX2") != NULL;
+    if (avx2) {
+        *name = "avx2-x4";
+        return ch_x4_avx2;
+    }
+    *name = CH_X4_VNNI;
+    return ch_x4_vnni;
+#else
     *name = "avx2-x4";
     return ch_x4_avx2;
+#endif
 }
 #endif // CHESS_AVX2

@@ -380,6 +380,10 @@ static void test_in(enum ggml_type type) {
                                    { x4 ? 2080 : 2301, 3 * bs } };
     float * part = malloc((size_t) (CHESS_IN_MAX_PIECES - 1) * (size_t) big * sizeof(float));
     chess_in_shared sh = { 0, 0, part };
+    // the x4 routes with int32 sums (VNNI, SDOT) compute what the generic route computes, in the
+    // same order: their outputs must be bit-identical to it (avx2-x4 sums in int16 segments: not)
+    const char * route = chess_in_sparse_route(type);
+    const bool same_as_generic = x4 && (strstr(route, "vnni") || strstr(route, "avx512") || strstr(route, "sdot"));
     const int p0 = n_pass, f0 = n_fail;
     const double t0 = now_s();
     double worst = 0, worst_f = 0;
@@ -449,6 +453,14 @@ static void test_in(enum ggml_type type) {
                 }
                 if (it > 0) ok = ok && memcmp(out, y1, n_out * sizeof(float)) == 0; // any split, any threads
                 check(ok, mt ? "in_mt" : "in", tname, md->name, nth, e);
+            }
+            if (same_as_generic) {
+                chess_kernels_force_generic(true);
+                job jb = { 0, w, type, nb1, n_in, n_out, vv, t, n_t, 0, NULL, y, 0, 0, 0, &sh };
+                fill_nan(y, n_out);
+                run_threads(jb, 1);
+                chess_kernels_force_generic(false);
+                check(memcmp(y, y1, n_out * sizeof(float)) == 0, "in == generic bit for bit", tname, md->name, 1, 0);
             }
             free(t);
         }

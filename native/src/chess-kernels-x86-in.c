@@ -609,6 +609,9 @@ static void ch_x4_avx2(const char * w, size_t nb1, int64_t n_out, const ch_x4_pl
 #endif
 
 #if defined(CH_X4_VNNI)
+#ifndef CH_X4V_QUADS
+#define CH_X4V_QUADS 1 // quads per pass over a tile (1 / 2 / 4 / 8 measured: docs/kernels.md)
+#endif
 // x4 through VNNI: 4 channels (2 pairs of the plan) per vpdpbusd, int32 sums in registers. Per 64
 // columns the 4 code rows are interleaved byte by byte (unpack 8 then 16: dword k = the 4 channels'
 // byte k), and each dword is multiplied by (u_a0, u_b0, u_a1, u_b1): F = sum u*(lo + 16 hi) on the
@@ -627,6 +630,7 @@ static void ch_x4_vnni(const char * w, size_t nb1, int64_t n_out, const ch_x4_pl
     const __m256i mhi = _mm256_set1_epi8((char) 0xF0);
     const uint8_t * rp[4 * 8];
     int32_t uq[8];
+    __m256i * T = ch_scratch(CH_BUF_DEQ, (CH_TILE_COLS / 64 + 1) * 8 * sizeof(__m256i));
     const int64_t max_lines = (4 * CH_TILE_COLS + 16 * CH_TILE_COLS) / 64 + 34; // pairs + 32 code rows of nt/2
     ch_pf_list pf = { ch_scratch(CH_BUF_TILE, (size_t) max_lines * sizeof(char *)), 0, 0 };
     memset(y + j0, 0, (size_t) (j1 - j0) * sizeof(float));
@@ -658,7 +662,8 @@ static void ch_x4_vnni(const char * w, size_t nb1, int64_t n_out, const ch_x4_pl
                 ch_x4_pf_group(&pf, w, nb1, n_out, &pl->grp[e + 1], &pl->pair[pl->grp[e + 1].p0], j0,
                                j1 - j0 < CH_TILE_COLS ? j1 - j0 : CH_TILE_COLS);
             }
-            const int64_t pfk = (pf.n + nch - 1) / nch;
+            const int nb = (nq + CH_X4V_QUADS - 1) / CH_X4V_QUADS;
+            const int64_t pfk = (pf.n + nb * nch - 1) / (nb * nch);
             for (int q = 0; q < nq; q++) {
                 const ch_x4_pair * P1 = 2 * q + 1 < G->np ? &P[2 * q + 1] : &P[2 * q];
                 rp[4 * q]     = codes + P[2 * q].ca * cs;
@@ -666,43 +671,56 @@ static void ch_x4_vnni(const char * w, size_t nb1, int64_t n_out, const ch_x4_pl
                 rp[4 * q + 2] = codes + P1->ca * cs;
                 rp[4 * q + 3] = codes + P1->cb * cs;
             }
-            for (int64_t jc = 0; jc < nt; jc += 64) {
-                const bool half = nt - jc < 64;
-                ch_pf_step(&pf, pfk);
-                __m256i F0 = _mm256_setzero_si256(), F1 = F0, F2 = F0, F3 = F0, H0 = F0, H1 = F0, H2 = F0, H3 = F0;
-                for (int q = 0; q < nq; q++) {
-                    __m256i r[4];
-                    for (int i = 0; i < 4; i++) {
-                        const uint8_t * p = rp[4 * q + i] + jc / 2;
-                        r[i] = half ? _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *) p))
-                                    : _mm256_loadu_si256((const __m256i *) p);
+            for (int q0 = 0; q0 < nq; q0 += CH_X4V_QUADS) {
+                const int qe = q0 + CH_X4V_QUADS < nq ? q0 + CH_X4V_QUADS : nq;
+                for (int64_t jc = 0; jc < nt; jc += 64) {
+                    const bool half = nt - jc < 64;
+                    ch_pf_step(&pf, pfk);
+                    __m256i * tc = T + jc / 8; // 8 vectors per 64 columns
+                    __m256i F0, F1, F2, F3, H0, H1, H2, H3;
+                    if (q0 == 0) {
+                        F0 = F1 = F2 = F3 = H0 = H1 = H2 = H3 = _mm256_setzero_si256();
+                    } else {
+                        F0 = tc[0]; F1 = tc[1]; F2 = tc[2]; F3 = tc[3]; H0 = tc[4]; H1 = tc[5]; H2 = tc[6]; H3 = tc[7];
                     }
-                    const __m256i u = _mm256_set1_epi32(uq[q]);
-                    const __m256i l01 = _mm256_unpacklo_epi8(r[0], r[1]), h01 = _mm256_unpackhi_epi8(r[0], r[1]);
-                    const __m256i l23 = _mm256_unpacklo_epi8(r[2], r[3]), h23 = _mm256_unpackhi_epi8(r[2], r[3]);
-                    const __m256i q0 = _mm256_unpacklo_epi16(l01, l23), q1 = _mm256_unpackhi_epi16(l01, l23);
-                    const __m256i q2 = _mm256_unpacklo_epi16(h01, h23), q3 = _mm256_unpackhi_epi16(h01, h23);
-                    F0 = CH_DPBUSD(F0, q0, u); H0 = CH_DPBUSD(H0, _mm256_and_si256(q0, mhi), u);
-                    F1 = CH_DPBUSD(F1, q1, u); H1 = CH_DPBUSD(H1, _mm256_and_si256(q1, mhi), u);
-                    F2 = CH_DPBUSD(F2, q2, u); H2 = CH_DPBUSD(H2, _mm256_and_si256(q2, mhi), u);
-                    F3 = CH_DPBUSD(F3, q3, u); H3 = CH_DPBUSD(H3, _mm256_and_si256(q3, mhi), u);
-                }
-                // qk holds columns {4k..4k+3 | 32+4k..} (lo nibbles) and {16+4k.. | 48+4k..} (hi)
-                const __m256i l0 = _mm256_sub_epi32(F0, H0), l1 = _mm256_sub_epi32(F1, H1);
-                const __m256i l2 = _mm256_sub_epi32(F2, H2), l3 = _mm256_sub_epi32(F3, H3);
-                const __m256i g0 = _mm256_srai_epi32(H0, 4), g1 = _mm256_srai_epi32(H1, 4);
-                const __m256i g2 = _mm256_srai_epi32(H2, 4), g3 = _mm256_srai_epi32(H3, 4);
-                float * yc = y + jt + jc;
-                const ggml_fp16_t * ac = a + jc, * bc = b + jc;
-                ch_x4v_flush8(yc,      ac,      bc,      _mm256_permute2x128_si256(l0, l1, 0x20), sv, sUv);
-                ch_x4v_flush8(yc + 8,  ac + 8,  bc + 8,  _mm256_permute2x128_si256(l2, l3, 0x20), sv, sUv);
-                ch_x4v_flush8(yc + 16, ac + 16, bc + 16, _mm256_permute2x128_si256(g0, g1, 0x20), sv, sUv);
-                ch_x4v_flush8(yc + 24, ac + 24, bc + 24, _mm256_permute2x128_si256(g2, g3, 0x20), sv, sUv);
-                if (!half) {
-                    ch_x4v_flush8(yc + 32, ac + 32, bc + 32, _mm256_permute2x128_si256(l0, l1, 0x31), sv, sUv);
-                    ch_x4v_flush8(yc + 40, ac + 40, bc + 40, _mm256_permute2x128_si256(l2, l3, 0x31), sv, sUv);
-                    ch_x4v_flush8(yc + 48, ac + 48, bc + 48, _mm256_permute2x128_si256(g0, g1, 0x31), sv, sUv);
-                    ch_x4v_flush8(yc + 56, ac + 56, bc + 56, _mm256_permute2x128_si256(g2, g3, 0x31), sv, sUv);
+                    for (int q = q0; q < qe; q++) {
+                        const uint8_t * p0 = rp[4 * q] + jc / 2, * p1 = rp[4 * q + 1] + jc / 2;
+                        const uint8_t * p2 = rp[4 * q + 2] + jc / 2, * p3 = rp[4 * q + 3] + jc / 2;
+                        const __m256i r0 = half ? _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *) p0)) : _mm256_loadu_si256((const __m256i *) p0);
+                        const __m256i r1 = half ? _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *) p1)) : _mm256_loadu_si256((const __m256i *) p1);
+                        const __m256i r2 = half ? _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *) p2)) : _mm256_loadu_si256((const __m256i *) p2);
+                        const __m256i r3 = half ? _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *) p3)) : _mm256_loadu_si256((const __m256i *) p3);
+                        const __m256i u = _mm256_set1_epi32(uq[q]);
+                        const __m256i l01 = _mm256_unpacklo_epi8(r0, r1), h01 = _mm256_unpackhi_epi8(r0, r1);
+                        const __m256i l23 = _mm256_unpacklo_epi8(r2, r3), h23 = _mm256_unpackhi_epi8(r2, r3);
+                        const __m256i q0v = _mm256_unpacklo_epi16(l01, l23), q1v = _mm256_unpackhi_epi16(l01, l23);
+                        const __m256i q2v = _mm256_unpacklo_epi16(h01, h23), q3v = _mm256_unpackhi_epi16(h01, h23);
+                        F0 = CH_DPBUSD(F0, q0v, u); H0 = CH_DPBUSD(H0, _mm256_and_si256(q0v, mhi), u);
+                        F1 = CH_DPBUSD(F1, q1v, u); H1 = CH_DPBUSD(H1, _mm256_and_si256(q1v, mhi), u);
+                        F2 = CH_DPBUSD(F2, q2v, u); H2 = CH_DPBUSD(H2, _mm256_and_si256(q2v, mhi), u);
+                        F3 = CH_DPBUSD(F3, q3v, u); H3 = CH_DPBUSD(H3, _mm256_and_si256(q3v, mhi), u);
+                    }
+                    if (qe < nq) { // more passes over this tile: park the sums in L1
+                        tc[0] = F0; tc[1] = F1; tc[2] = F2; tc[3] = F3; tc[4] = H0; tc[5] = H1; tc[6] = H2; tc[7] = H3;
+                        continue;
+                    }
+                    // Fk holds columns {4k..4k+3 | 32+4k..} (lo nibbles) and {16+4k.. | 48+4k..} (hi)
+                    const __m256i l0 = _mm256_sub_epi32(F0, H0), l1 = _mm256_sub_epi32(F1, H1);
+                    const __m256i l2 = _mm256_sub_epi32(F2, H2), l3 = _mm256_sub_epi32(F3, H3);
+                    const __m256i g0 = _mm256_srai_epi32(H0, 4), g1 = _mm256_srai_epi32(H1, 4);
+                    const __m256i g2 = _mm256_srai_epi32(H2, 4), g3 = _mm256_srai_epi32(H3, 4);
+                    float * yc = y + jt + jc;
+                    const ggml_fp16_t * ac = a + jc, * bc = b + jc;
+                    ch_x4v_flush8(yc,      ac,      bc,      _mm256_permute2x128_si256(l0, l1, 0x20), sv, sUv);
+                    ch_x4v_flush8(yc + 8,  ac + 8,  bc + 8,  _mm256_permute2x128_si256(l2, l3, 0x20), sv, sUv);
+                    ch_x4v_flush8(yc + 16, ac + 16, bc + 16, _mm256_permute2x128_si256(g0, g1, 0x20), sv, sUv);
+                    ch_x4v_flush8(yc + 24, ac + 24, bc + 24, _mm256_permute2x128_si256(g2, g3, 0x20), sv, sUv);
+                    if (!half) {
+                        ch_x4v_flush8(yc + 32, ac + 32, bc + 32, _mm256_permute2x128_si256(l0, l1, 0x31), sv, sUv);
+                        ch_x4v_flush8(yc + 40, ac + 40, bc + 40, _mm256_permute2x128_si256(l2, l3, 0x31), sv, sUv);
+                        ch_x4v_flush8(yc + 48, ac + 48, bc + 48, _mm256_permute2x128_si256(g0, g1, 0x31), sv, sUv);
+                        ch_x4v_flush8(yc + 56, ac + 56, bc + 56, _mm256_permute2x128_si256(g2, g3, 0x31), sv, sUv);
+                    }
                 }
             }
             ch_pf_step(&pf, pf.n); // what is left of the next unit

@@ -13,6 +13,7 @@ at the FFN (node ffn_inp-N), from which convert's per-layer budget measures the 
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -20,8 +21,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .errors import RuntimeError_
-from .runtime import Context, Model
-from .thresholds import FINE_BINS, HIST_BINS, act, hist_index
+from .runtime import Context, Model, NativeStats
+from .thresholds import ACTS, FINE_BINS, HIST_BINS, LOG_LO, act, bin_width, hist_index
 from .windows import bos_tokens, led_by_bos
 
 # llama.cpp architectures whose FFN is built with a parallel gate (build_ffn, LLM_FFN_PAR).
@@ -57,7 +58,7 @@ def node_of(name: str, arch: str) -> Optional[tuple[str, int]]:
 class LayerStats:
     sum_abs_u: np.ndarray = field(default_factory=lambda: np.zeros(0))
     sum_sq_u: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    hist_a: np.ndarray = field(default_factory=lambda: np.zeros((0, HIST_BINS), np.int64))  # [n_ff, bins]
+    hist_a: np.ndarray = field(default_factory=lambda: np.zeros((0, HIST_BINS), np.int64))  # [n_ff, bins]; uint32 when native
     hist_cats: np.ndarray = field(default_factory=lambda: np.zeros(FINE_BINS, np.int64))  # pooled |act(g)|
     hist_q: np.ndarray = field(default_factory=lambda: np.zeros(FINE_BINS, np.int64))
     hist_o: np.ndarray = field(default_factory=lambda: np.zeros(FINE_BINS, np.int64))
@@ -91,12 +92,32 @@ def arch_of(model: Model) -> tuple[str, str]:
     return arch, activation_of(arch, model.path)
 
 
+def _native_layer(ns: NativeStats, il: int) -> LayerStats:
+    L = LayerStats()
+    sa, sq, ha = ns.read(il, ns.SUM_ABS_U), ns.read(il, ns.SUM_SQ_U), ns.read(il, ns.HIST_A)
+    if sa is not None:
+        L.sum_abs_u, L.sum_sq_u, L.hist_a = sa, sq, ha.reshape(sa.size, HIST_BINS)
+    for attr, what in (("hist_cats", ns.HIST_CATS), ("hist_q", ns.HIST_Q), ("hist_o", ns.HIST_O)):
+        h = ns.read(il, what)
+        if h is not None:
+            setattr(L, attr, h)
+    return L
+
+
 def calibrate(model: Model, tokens: Sequence[int], *, ctx: int = 512, threads: Optional[int] = None,
-              keep_rows: int = 0, keep_signed: bool = False, progress: bool = True) -> CalibStats:
+              keep_rows: int = 0, keep_signed: bool = False, progress: bool = True,
+              native: Optional[bool] = None, stats_threads: Optional[int] = None) -> CalibStats:
     """Gather statistics over `tokens`, split into windows of ctx-1 tokens each led by BOS.
 
     The BOS position (an attention sink with outlier activations) is excluded from statistics.
+    native (default: when no rows are kept) gathers them in C inside the runtime's eval callback
+    (native/src/chess-calib.c, on stats_threads threads, default `threads`) instead of numpy here;
+    the sums are the same bits, the counts the same up to values on a bin edge (tests/test_calib.py).
     """
+    if native is None:
+        native = keep_rows == 0 and not keep_signed
+    if native and (keep_rows or keep_signed):
+        raise ValueError("calibrate: the native statistics keep no rows (keep_rows/keep_signed need native=False)")
     arch, kind = arch_of(model)
     n_layer = model.n_layer
     bos = bos_tokens(model)
@@ -165,7 +186,16 @@ def calibrate(model: Model, tokens: Sequence[int], *, ctx: int = 512, threads: O
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=n_total, unit="tok", desc="calibrating", dynamic_ncols=True)
-    with Context(model, n_ctx=ctx, n_batch=ctx, n_threads=threads, eval_callback=(wants, on_node)) as c:
+    ns = None
+    if native:
+        ns = NativeStats(model, act=ACTS.index(kind), fused_up=arch in FUSED_UP, no_attn_norm=arch in NO_ATTN_NORM,
+                         hist_bins=HIST_BINS, fine_bins=FINE_BINS, log_lo=LOG_LO, width_hist=bin_width(HIST_BINS),
+                         width_fine=bin_width(FINE_BINS), threads=stats_threads or threads or os.cpu_count() or 1)
+        ns.set_skip(len(bos))
+        hooks = {"native_stats": ns}
+    else:
+        hooks = {"eval_callback": (wants, on_node)}
+    with Context(model, n_ctx=ctx, n_batch=ctx, n_threads=threads, **hooks) as c:
         g0 = 0  # global index of the window's first token
         for w in windows:
             idx = np.arange(g0, g0 + len(w))
@@ -178,6 +208,9 @@ def calibrate(model: Model, tokens: Sequence[int], *, ctx: int = 512, threads: O
                 bar.update(len(w))
     if bar:
         bar.close()
+    if ns is not None:
+        st.layers = [_native_layer(ns, il) for il in range(n_layer)]
+        ns.close()
     missing = [i for i in range(n_layer) if i >= len(st.layers) or st.layers[i].sum_abs_u.size == 0
                or st.layers[i].hist_a.shape[0] == 0 or not st.layers[i].hist_q.any() or not st.layers[i].hist_o.any()]
     if missing:

@@ -175,6 +175,16 @@ float llama_chess_current_level(const struct llama_context * ctx);
 int32_t llama_chess_prefill_masked(const struct llama_context * ctx);
 int32_t llama_chess_stats(const struct llama_context * ctx, uint64_t * n_tokens, uint64_t * kept, uint64_t * total, int32_t n);
 void llama_chess_stats_reset(struct llama_context * ctx);
+
+struct chess_calib;
+struct chess_calib * chess_calib_new(int n_layer, int act, bool fused_up, bool no_attn_norm, int hist_bins,
+                                     int fine_bins, float log_lo, float width_hist, float width_fine, int n_threads);
+void chess_calib_free(struct chess_calib * c);
+void chess_calib_set_skip(struct chess_calib * c, int rows);
+bool chess_calib_eval(struct ggml_tensor * t, bool ask, void * user_data);
+int64_t chess_calib_size(const struct chess_calib * c, int il, int what);
+int chess_calib_read(const struct chess_calib * c, int il, int what, void * out, int64_t n);
+const char * chess_calib_error(const struct chess_calib * c);
 """
 
 # ggml (libggml-base): tensor reads for the eval callback, and the quantizer for convert.
@@ -375,11 +385,58 @@ class Model:
 EvalFn = Callable[[str, np.ndarray], None]
 
 
+class NativeStats:
+    """Calibration statistics gathered in C inside the eval callback (native/src/chess-calib.h);
+    calibrate.py turns them into its CalibStats. Pass it to Context(native_stats=...)."""
+    SUM_ABS_U, SUM_SQ_U, HIST_A, HIST_CATS, HIST_Q, HIST_O = range(6)
+
+    def __init__(self, model: "Model", *, act: int, fused_up: bool, no_attn_norm: bool, hist_bins: int,
+                 fine_bins: int, log_lo: float, width_hist: float, width_fine: float, threads: int) -> None:
+        L = self._L = model._L
+        self.ptr = None
+        if not hasattr(L.llama, "chess_calib_new"):
+            raise RuntimeError_(f"{L.path}: this libllama has no native calibration statistics (rebuild it: make)")
+        self.ptr = L.llama.chess_calib_new(model.n_layer, act, fused_up, no_attn_norm, hist_bins, fine_bins,
+                                           log_lo, width_hist, width_fine, threads)
+        if self.ptr == L.ffi.NULL:
+            raise RuntimeError_("chess_calib_new: bad arguments or out of memory")
+
+    def set_skip(self, rows: int) -> None:
+        self._L.llama.chess_calib_set_skip(self.ptr, rows)
+
+    def error(self) -> str:
+        return self._L.ffi.string(self._L.llama.chess_calib_error(self.ptr)).decode()
+
+    def read(self, il: int, what: int) -> Optional[np.ndarray]:
+        """Layer il's totals of `what` (float64 sums, uint32 per-channel counts, int64 pooled counts),
+        None if never seen. The per-channel counts stay uint32: half the memory of the largest array."""
+        n = self._L.llama.chess_calib_size(self.ptr, il, what)
+        if n == 0:
+            return None
+        dtype = {self.SUM_ABS_U: np.float64, self.SUM_SQ_U: np.float64, self.HIST_A: np.uint32}.get(what, np.int64)
+        out = np.empty(n, dtype=dtype)
+        if self._L.llama.chess_calib_read(self.ptr, il, what, self._L.ffi.cast("void *", out.ctypes.data), n) != 0:
+            raise RuntimeError_(f"chess_calib_read: bad request (layer {il}, what {what})")
+        return out
+
+    def close(self) -> None:
+        if self.ptr is not None:
+            self._L.llama.chess_calib_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
 class Context:
     """An inference context: KV cache, batched decode and logits."""
 
     def __init__(self, model: Model, *, n_ctx: int = 2048, n_batch: int = 512, n_threads: Optional[int] = None,
-                 n_seq_max: int = 1, eval_callback: Optional[tuple[Callable[[str], bool], EvalFn]] = None) -> None:
+                 n_seq_max: int = 1, eval_callback: Optional[tuple[Callable[[str], bool], EvalFn]] = None,
+                 native_stats: Optional[NativeStats] = None) -> None:
         L = self._L = model._L
         ffi = L.ffi
         self.model = model
@@ -398,6 +455,12 @@ class Context:
             self._cb = ffi.callback("bool(struct ggml_tensor *, bool, void *)",
                                     self._make_eval(wants, fn), error=False)
             p.cb_eval = self._cb
+        self._native = native_stats  # kept alive as long as the context
+        if native_stats is not None:
+            if eval_callback is not None:
+                raise ValueError("Context: eval_callback and native_stats are exclusive")
+            p.cb_eval = L.llama.chess_calib_eval
+            p.cb_eval_user_data = native_stats.ptr
         self.ptr = L.llama.llama_init_from_model(model.ptr, p)
         if self.ptr == ffi.NULL:
             raise RuntimeError_(f"{model.path}: failed to create context: {L.last_error()}")
@@ -531,6 +594,8 @@ class Context:
             rc = L.llama.llama_decode(self.ptr, b)
             if self.cb_error is not None:
                 raise self.cb_error
+            if rc != 0 and self._native is not None and self._native.error():
+                raise RuntimeError_(f"{self.model.path}: {self._native.error()}")
             if rc != 0:
                 raise RuntimeError_(f"llama_decode failed (code {rc}): {L.last_error()}")
             pos += len(chunk)

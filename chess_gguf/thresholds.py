@@ -91,18 +91,18 @@ FINE_BINS = 65536
 LOG_LO, LOG_HI = float(np.log(1e-7)), float(np.log(1e3))
 
 
-def _width(bins: int) -> float:
+def bin_width(bins: int) -> float:
     return (LOG_HI - LOG_LO) / bins
 
 
 def _log_centers(bins: int) -> np.ndarray:
-    return LOG_LO + _width(bins) * (np.arange(bins) + 0.5)
+    return LOG_LO + bin_width(bins) * (np.arange(bins) + 0.5)
 
 
 def hist_index(abs_x: np.ndarray, bins: int = HIST_BINS) -> np.ndarray:
     """Bin of each |x| (zeros and tiny values land in bin 0, huge ones in the last bin)."""
     lg = np.log(np.maximum(np.abs(abs_x), np.float32(1e-30)))
-    return np.clip(((lg - LOG_LO) / _width(bins)).astype(np.int64), 0, bins - 1)
+    return np.clip(((lg - LOG_LO) / bin_width(bins)).astype(np.int64), 0, bins - 1)
 
 
 def _weighted_quantiles(counts: np.ndarray, log_centers: np.ndarray, levels) -> np.ndarray:
@@ -142,7 +142,7 @@ def hist_fraction_below(hist: np.ndarray, thr) -> float:
     bins = h.shape[1]
     t = np.broadcast_to(np.asarray(thr, dtype=np.float64).reshape(-1), (h.shape[0],))
     with np.errstate(divide="ignore"):
-        pos = (np.log(t) - LOG_LO) / _width(bins)   # threshold position in bins
+        pos = (np.log(t) - LOG_LO) / bin_width(bins)   # threshold position in bins
     full = np.clip(np.floor(pos), 0, bins).astype(np.int64)
     cum = np.concatenate([np.zeros((h.shape[0], 1)), np.cumsum(h, axis=1)], axis=1)
     rows = np.arange(h.shape[0])

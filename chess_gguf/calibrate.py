@@ -13,9 +13,13 @@ at the FFN (node ffn_inp-N), from which convert's per-layer budget measures the 
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import sys
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -24,6 +28,7 @@ from .errors import RuntimeError_
 from .runtime import Context, Model, NativeStats
 from .thresholds import ACTS, FINE_BINS, HIST_BINS, LOG_LO, act, bin_width, hist_index
 from .windows import bos_tokens, led_by_bos
+from .writer import sigterm_as_interrupt
 
 # llama.cpp architectures whose FFN is built with a parallel gate (build_ffn, LLM_FFN_PAR).
 SUPPORTED_ARCHS = {
@@ -104,15 +109,78 @@ def _native_layer(ns: NativeStats, il: int) -> LayerStats:
     return L
 
 
+# --- checkpoints: the statistics are sums, so a run can stop after any window and resume ----------
+CKPT_FORMAT = "chess-calib-checkpoint-1"
+_ARRAYS = ("sum_abs_u", "sum_sq_u", "hist_a", "hist_cats", "hist_q", "hist_o", "a", "q", "o", "ga", "u")
+_NATIVE = {"sum_abs_u": NativeStats.SUM_ABS_U, "sum_sq_u": NativeStats.SUM_SQ_U, "hist_a": NativeStats.HIST_A,
+           "hist_cats": NativeStats.HIST_CATS, "hist_q": NativeStats.HIST_Q, "hist_o": NativeStats.HIST_O}
+
+
+def checkpoint_key(model: Model, tokens: Sequence[int], **settings) -> str:
+    """What the statistics depend on: the model file (path, size, mtime), the tokens, the settings."""
+    st = os.stat(model.path)
+    h = hashlib.sha256(f"{CKPT_FORMAT}|{os.path.realpath(model.path)}|{st.st_size}|{st.st_mtime_ns}|"
+                       f"{HIST_BINS}|{FINE_BINS}|{sorted(settings.items())}|".encode())
+    h.update(np.asarray(tokens, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(path: Path, key: str, windows_done: int, layers: list[LayerStats]) -> None:
+    """Atomically (a hidden temporary file renamed over the old one)."""
+    arrays = {"format": np.array(CKPT_FORMAT), "key": np.array(key), "windows": np.array(windows_done)}
+    for il, L in enumerate(layers):
+        for f in _ARRAYS:
+            v = getattr(L, f)
+            if v is not None:
+                arrays[f"{il}.{f}"] = v
+        arrays[f"{il}.sum_r2"] = np.array(L.sum_r2)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with sigterm_as_interrupt(), open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path, key: str, n_layer: int) -> Optional[tuple[int, list[LayerStats]]]:
+    """(windows done, statistics) of a checkpoint made with `key`; None if there is none or it was made
+    from other inputs; RuntimeError_ if it is damaged."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["format"]) != CKPT_FORMAT:
+                raise ValueError(f"format {str(z['format'])!r}")
+            if str(z["key"]) != key:
+                return None
+            layers = []
+            for il in range(n_layer):
+                L = LayerStats()
+                for f in _ARRAYS:
+                    if f"{il}.{f}" in z:
+                        setattr(L, f, z[f"{il}.{f}"])
+                L.sum_r2 = float(z[f"{il}.sum_r2"])
+                layers.append(L)
+            return int(z["windows"]), layers
+    except Exception as e:  # truncated, not a zip, missing arrays, bad values
+        raise RuntimeError_(f"{path}: damaged calibration checkpoint ({type(e).__name__}: {e}); "
+                            "delete it to start afresh") from None
+
+
 def calibrate(model: Model, tokens: Sequence[int], *, ctx: int = 512, threads: Optional[int] = None,
               keep_rows: int = 0, keep_signed: bool = False, progress: bool = True,
-              native: Optional[bool] = None, stats_threads: Optional[int] = None) -> CalibStats:
+              native: Optional[bool] = None, stats_threads: Optional[int] = None,
+              checkpoint: Optional[Path] = None, checkpoint_every: float = 300.0) -> CalibStats:
     """Gather statistics over `tokens`, split into windows of ctx-1 tokens each led by BOS.
 
     The BOS position (an attention sink with outlier activations) is excluded from statistics.
     native (default: when no rows are kept) gathers them in C inside the runtime's eval callback
     (native/src/chess-calib.c, on stats_threads threads, default `threads`) instead of numpy here;
     the sums are the same bits, the counts the same up to values on a bin edge (tests/test_calib.py).
+    checkpoint: a file where the statistics are saved every checkpoint_every seconds and at the end;
+    a run with the same model, tokens and settings resumes from it (and skips calibration if it is
+    complete). The caller removes it when it is done with the statistics.
     """
     if native is None:
         native = keep_rows == 0 and not keep_signed
@@ -183,33 +251,67 @@ def calibrate(model: Model, tokens: Sequence[int], *, ctx: int = 512, threads: O
         return k is not None and k[1] < n_layer and (k[0] != "ffn_inp" or keep_signed)
 
     bar = None
+    key = checkpoint_key(model, tokens, ctx=ctx, keep_rows=keep_rows, keep_signed=keep_signed, native=native)
+    done = 0  # windows already counted (a resumed checkpoint)
+    if checkpoint is not None:
+        got = load_checkpoint(checkpoint, key, n_layer)
+        if got is not None:
+            done, st.layers = got
+        elif checkpoint.exists():
+            print(f"note: {checkpoint} was made from other inputs: starting afresh", file=sys.stderr)
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=n_total, unit="tok", desc="calibrating", dynamic_ncols=True)
+        bar = tqdm(total=n_total, initial=sum(len(w) for w in windows[:done]), unit="tok", desc="calibrating",
+                   dynamic_ncols=True)
     ns = None
     if native:
         ns = NativeStats(model, act=ACTS.index(kind), fused_up=arch in FUSED_UP, no_attn_norm=arch in NO_ATTN_NORM,
                          hist_bins=HIST_BINS, fine_bins=FINE_BINS, log_lo=LOG_LO, width_hist=bin_width(HIST_BINS),
                          width_fine=bin_width(FINE_BINS), threads=stats_threads or threads or os.cpu_count() or 1)
         ns.set_skip(len(bos))
+        for il, L in enumerate(st.layers):  # a resumed checkpoint's totals
+            for f, what in _NATIVE.items():
+                v = getattr(L, f)
+                if v is not None and v.size and (f != "hist_a" or v.shape[0]):
+                    ns.write(il, what, v)
         hooks = {"native_stats": ns}
     else:
         hooks = {"eval_callback": (wants, on_node)}
-    with Context(model, n_ctx=ctx, n_batch=ctx, n_threads=threads, **hooks) as c:
-        g0 = 0  # global index of the window's first token
-        for w in windows:
-            idx = np.arange(g0, g0 + len(w))
-            keep = np.nonzero(idx % stride == 0)[0]
-            cur.update(keep=keep, row0=(g0 + stride - 1) // stride, skip=len(bos))
-            c.clear()
-            c.decode(bos + w, logits="compute")  # outputs for all rows: the last layer's FFN sees every token
-            g0 += len(w)
-            if bar:
-                bar.update(len(w))
+    def layers() -> list[LayerStats]:
+        return [_native_layer(ns, il) for il in range(n_layer)] if ns is not None else st.layers
+
+    def save(n: int) -> None:
+        nonlocal checkpoint
+        try:
+            save_checkpoint(checkpoint, key, n, layers())
+        except OSError as e:  # a full disk: go on without (the statistics are still in memory)
+            print(f"note: {checkpoint}: cannot save the calibration checkpoint ({e.strerror or e}): "
+                  "going on without", file=sys.stderr)
+            checkpoint = None
+
+    if done < len(windows):
+        with Context(model, n_ctx=ctx, n_batch=ctx, n_threads=threads, **hooks) as c:
+            g0 = sum(len(w) for w in windows[:done])  # global index of the window's first token
+            last = time.monotonic()
+            for i in range(done, len(windows)):
+                w = windows[i]
+                idx = np.arange(g0, g0 + len(w))
+                keep = np.nonzero(idx % stride == 0)[0]
+                cur.update(keep=keep, row0=(g0 + stride - 1) // stride, skip=len(bos))
+                c.clear()
+                c.decode(bos + w, logits="compute")  # outputs for all rows: the last layer's FFN sees every token
+                g0 += len(w)
+                if bar:
+                    bar.update(len(w))
+                if checkpoint is not None and i + 1 < len(windows) and time.monotonic() - last >= checkpoint_every:
+                    save(i + 1)
+                    last = time.monotonic()
+        st.layers = layers()
+        if checkpoint is not None:
+            save(len(windows))
     if bar:
         bar.close()
     if ns is not None:
-        st.layers = [_native_layer(ns, il) for il in range(n_layer)]
         ns.close()
     missing = [i for i in range(n_layer) if i >= len(st.layers) or st.layers[i].sum_abs_u.size == 0
                or st.layers[i].hist_a.shape[0] == 0 or not st.layers[i].hist_q.any() or not st.layers[i].hist_o.any()]

@@ -72,7 +72,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     opt = Options(levels=args.levels, default_level=args.default_level, calib_files=args.calib or (),
                   calib_tokens=args.calib_tokens, ctx=args.ctx, threads=args.threads, stat=args.stat,
                   rule=args.rule, budget=args.budget == "ffn-layer", attention=not args.no_attention, force=args.force, wt_type=args.wt_type, layout=args.layout,
-                  progress=not args.quiet)
+                  progress=not args.quiet, checkpoint_every=args.checkpoint_every)
     print_summary(convert(args.model, args.output, opt))
     return 0
 
@@ -133,7 +133,7 @@ def cmd_libdir(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .bench import add_arguments as bench_arguments  # standard library only at import
-    from .options import LAYOUTS, METHODS, PREFILLS, arg, at_least, parse_floats, parse_levels, parse_methods, parse_tasks, \
+    from .options import LAYOUTS, METHODS, PREFILLS, arg, at_least, parse_floats, parse_levels, parse_seconds, parse_methods, parse_tasks, \
         positive_int
 
     ap = argparse.ArgumentParser(prog="python -m chess_gguf",
@@ -199,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(fastest prompt processing, +~25%% file size); compact: replace the originals by "
                         "the transposed copies (file and memory about the input's size; prompts run through "
                         "a re-transposed Q8_0 copy per layer)")
+    c.add_argument("--checkpoint-every", type=arg(parse_seconds), default=300.0, metavar="SECONDS",
+                   help="save the calibration statistics to OUT.calib-partial this often (default 300; 0 = after "
+                        "every window) and when calibration ends; the same command run again resumes from it; "
+                        "removed once the output is written")
     c.add_argument("--force", action="store_true", help="overwrite the output; reconvert a CHESS file")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     c.set_defaults(fn=cmd_convert)

@@ -74,11 +74,17 @@ class Options:
     wt_type: Optional[str] = None  # None/"x4": x4 where it fits; "requant": the type rule; or a ggml type
     layout: str = "dual"
     progress: bool = True
+    checkpoint_every: float = 300.0  # seconds between saves of the statistics (OUT.calib-partial)
 
 
 def default_output(inp: Path) -> Path:
     name = inp.name[:-5] if inp.name.endswith(".gguf") else inp.name
     return inp.with_name(name + ".chess.gguf")
+
+
+def checkpoint_path(out: Path) -> Path:
+    """Where convert keeps the calibration statistics until the output is written (a rerun resumes)."""
+    return out.with_name(out.name + ".calib-partial")
 
 
 def check_paths(inp: Path, out: Path, force: bool) -> None:
@@ -332,8 +338,10 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
     windows = bos_replacing(held, opt.ctx, bos_tokens(model))
     if len(tokens) < opt.calib_tokens:
         print(f"note: calibration text has only {len(tokens)} tokens (asked for {opt.calib_tokens})", file=sys.stderr)
+    ckpt = checkpoint_path(out_p)
     st = calibrate(model, tokens, ctx=opt.ctx, threads=opt.threads, progress=opt.progress,
-                   keep_rows=opt.budget_rows if opt.budget else 0, keep_signed=opt.budget)
+                   keep_rows=opt.budget_rows if opt.budget else 0, keep_signed=opt.budget,
+                   checkpoint=ckpt, checkpoint_every=opt.checkpoint_every)
     t_calib = time.perf_counter() - t0
     n_layer = model.n_layer
     model.close()
@@ -408,6 +416,7 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
                 os.replace(tmp, out_p)
             finally:
                 tmp.unlink(missing_ok=True)
+    ckpt.unlink(missing_ok=True)  # the output is in place: the statistics are no longer needed
     thr = cands[rule]
     sp = calib_sparsity(st, thr, levels)
     size_in, size_out = inp_p.stat().st_size, out_p.stat().st_size

@@ -68,6 +68,17 @@ def parse_floats(s: str) -> list[float]:
         raise ValueError(f"expected comma-separated numbers, got {s!r}") from None
 
 
+def parse_seconds(s: str) -> float:
+    """A duration in seconds, >= 0 (convert's --checkpoint-every)."""
+    try:
+        v = float(s)
+    except ValueError:
+        v = -1.0
+    if not v >= 0 or v == float("inf"):
+        raise ValueError(f"expected a number of seconds >= 0, got {s!r}")
+    return v
+
+
 def arg(parse: Callable, **kw) -> Callable:
     """An argparse type from a parser above (its ValueError becomes argparse's usage error, exit 2)."""
     def typ(s: str):

@@ -184,6 +184,7 @@ void chess_calib_set_skip(struct chess_calib * c, int rows);
 bool chess_calib_eval(struct ggml_tensor * t, bool ask, void * user_data);
 int64_t chess_calib_size(const struct chess_calib * c, int il, int what);
 int chess_calib_read(const struct chess_calib * c, int il, int what, void * out, int64_t n);
+int chess_calib_write(struct chess_calib * c, int il, int what, const void * in, int64_t n);
 const char * chess_calib_error(const struct chess_calib * c);
 """
 
@@ -418,6 +419,13 @@ class NativeStats:
         if self._L.llama.chess_calib_read(self.ptr, il, what, self._L.ffi.cast("void *", out.ctypes.data), n) != 0:
             raise RuntimeError_(f"chess_calib_read: bad request (layer {il}, what {what})")
         return out
+
+    def write(self, il: int, what: int, arr: np.ndarray) -> None:
+        """Set layer il's totals of `what` (a checkpoint; the dtype read() gives; sums before HIST_A)."""
+        dtype = {self.SUM_ABS_U: np.float64, self.SUM_SQ_U: np.float64, self.HIST_A: np.uint32}.get(what, np.int64)
+        a = np.ascontiguousarray(arr, dtype=dtype).ravel()
+        if self._L.llama.chess_calib_write(self.ptr, il, what, self._L.ffi.cast("void *", a.ctypes.data), a.size) != 0:
+            raise RuntimeError_(f"chess_calib_write: bad request (layer {il}, what {what}, {a.size} values)")
 
     def close(self) -> None:
         if self.ptr is not None:

@@ -98,3 +98,61 @@ def test_every_architecture(arch, tmp_path):
     nat = calibrate(model, toks, ctx=128, threads=2, native=True, progress=False)
     model.close()
     _agree(ref, nat, 2e-3)
+
+
+# --- checkpoints (#16 item 4): a run stopped after any window resumes to the same statistics ----------
+FIELDS = ("sum_abs_u", "sum_sq_u", "hist_a", "hist_cats", "hist_q", "hist_o", "a", "q", "o")
+
+
+def _same(x, y):
+    assert x.n_tokens == y.n_tokens and x.n_rows == y.n_rows
+    for il, (a, b) in enumerate(zip(x.layers, y.layers)):
+        for f in FIELDS:
+            u, v = getattr(a, f), getattr(b, f)
+            assert (u is None) == (v is None) and (u is None or np.array_equal(u, v)), (il, f)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_interrupted_calibration_resumes_to_the_same_statistics(smol, tmp_path, monkeypatch, native):
+    from chess_gguf import calibrate as C
+    toks = _tokens(smol, 1280)  # 5 windows of 256
+    kw = dict(ctx=256, threads=2, progress=False, native=native, keep_rows=0 if native else 10**6)
+    whole = calibrate(smol, toks, **kw)
+    ck = tmp_path / "out.calib-partial"
+    real, saves = C.save_checkpoint, []
+
+    def stop_after_two(*a, **k):
+        real(*a, **k)
+        saves.append(a[2])
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(C, "save_checkpoint", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(smol, toks, checkpoint=ck, checkpoint_every=0, **kw)
+    assert saves == [1, 2] and ck.exists()
+    monkeypatch.setattr(C, "save_checkpoint", real)
+    _same(calibrate(smol, toks, checkpoint=ck, checkpoint_every=0, **kw), whole)
+    # complete: a third run reads it and decodes nothing
+    monkeypatch.setattr(C, "Context", None)
+    _same(calibrate(smol, toks, checkpoint=ck, **kw), whole)
+
+
+def test_checkpoint_of_other_inputs_is_not_used(smol, tmp_path, capsys):
+    ck = tmp_path / "out.calib-partial"
+    toks = _tokens(smol, 600)
+    calibrate(smol, toks[:300], ctx=128, threads=2, progress=False, checkpoint=ck)
+    got = calibrate(smol, toks, ctx=128, threads=2, progress=False, checkpoint=ck)
+    assert "made from other inputs: starting afresh" in capsys.readouterr().err
+    _same(got, calibrate(smol, toks, ctx=128, threads=2, progress=False))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_damaged_checkpoint_is_a_clean_error(smol, tmp_path, damage):
+    from chess_gguf.errors import RuntimeError_
+    ck = tmp_path / "out.calib-partial"
+    toks = _tokens(smol, 300)
+    calibrate(smol, toks, ctx=128, threads=2, progress=False, checkpoint=ck)
+    data = ck.read_bytes()
+    ck.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00junk" * 100, "empty": b""}[damage])
+    with pytest.raises(RuntimeError_, match=f"{ck}: damaged calibration checkpoint"):
+        calibrate(smol, toks, ctx=128, threads=2, progress=False, checkpoint=ck)

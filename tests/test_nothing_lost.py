@@ -5,12 +5,14 @@ random times, from calibration through writing; a full disk: the child's file-si
 import hashlib
 import os
 import random
+import re
 import resource
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -26,13 +28,14 @@ def _sha(p):
     return h.hexdigest()
 
 
-def _convert(src, out, **kw):
-    return subprocess.Popen([sys.executable, "-m", "chess_gguf", "convert", str(src), "-o", str(out), *ARGS],
+def _convert(src, out, *extra, **kw):
+    return subprocess.Popen([sys.executable, "-m", "chess_gguf", "convert", str(src), "-o", str(out), *ARGS, *extra],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
 def _leftovers(folder):
-    return sorted(p.name for p in folder.iterdir())
+    """Files in folder besides a calibration checkpoint (kept on purpose: a rerun resumes from it)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".calib-partial"))
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +44,12 @@ def full_run(smol_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "smol.chess.gguf"
     t0 = time.monotonic()
     p = _convert(smol_path, out)
-    _, err = p.communicate(timeout=1800)
+    so, err = p.communicate(timeout=1800)
     assert p.returncode == 0, err
     assert out.stat().st_size > smol_path.stat().st_size
-    return {"seconds": time.monotonic() - t0, "size": out.stat().st_size}
+    assert not out.with_name(out.name + ".calib-partial").exists()  # removed on success
+    calib = float(re.search(r"calibration ([\d.]+) s", so).group(1))
+    return {"seconds": time.monotonic() - t0, "size": out.stat().st_size, "sha": _sha(out), "calib": calib}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -90,3 +95,40 @@ def test_full_disk_loses_nothing(smol_path, tmp_path):
     _, err = p.communicate(timeout=1800)
     assert p.returncode == 0, err
     assert os.path.getsize(out) > limit
+
+
+def test_interrupted_convert_resumes(smol_path, tmp_path, full_run):
+    """#16 resume: SIGINT at a seeded random time during calibration (statistics saved after every
+    window); the same command again resumes from OUT.calib-partial and writes the same bytes as an
+    uninterrupted run; a damaged checkpoint is one clean error."""
+    out = tmp_path / "smol.chess.gguf"
+    ck = out.with_name(out.name + ".calib-partial")
+    resumed = 0
+    for seed in (1, 2):
+        p = _convert(smol_path, out, "--checkpoint-every", "0")
+        t0 = time.monotonic()
+        while not ck.exists() and p.poll() is None and time.monotonic() - t0 < 600:
+            time.sleep(0.05)
+        time.sleep(random.Random(seed).uniform(0.0, 0.5) * full_run["calib"])
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=600)
+        if p.returncode == 0:  # finished first: nothing to resume
+            out.unlink()
+            continue
+        assert p.returncode in (1, 130) and "Traceback" not in err, (p.returncode, err)
+        assert _leftovers(tmp_path) == [] and ck.exists()
+        with np.load(ck) as z:
+            assert int(z["windows"]) >= 1
+        p = _convert(smol_path, out, "--checkpoint-every", "0")
+        _, err = p.communicate(timeout=1800)
+        assert p.returncode == 0, err
+        assert _sha(out) == full_run["sha"]
+        assert sorted(q.name for q in tmp_path.iterdir()) == [out.name]  # the checkpoint is gone
+        out.unlink()
+        resumed += 1
+    assert resumed >= 1
+    ck.write_bytes(b"PK\x03\x04 not a whole zip")
+    p = _convert(smol_path, out)
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 1 and "Traceback" not in err and f"{ck}: damaged calibration checkpoint" in err, err
+    assert not out.exists()

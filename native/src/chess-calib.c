@@ -415,3 +415,36 @@ int chess_calib_read(const struct chess_calib * c, int il, int what, void * out,
 const char * chess_calib_error(const struct chess_calib * c) {
     return c->err;
 }
+
+int chess_calib_write(struct chess_calib * c, int il, int what, const void * in, int64_t n) {
+    if (il < 0 || il >= c->n_layer || n <= 0) {
+        return -1;
+    }
+    struct cc_layer * L = &c->layers[il];
+    switch (what) {
+        case CHESS_CALIB_SUM_ABS_U:
+        case CHESS_CALIB_SUM_SQ_U:
+            if (!cc_alloc_ff(c, L, n, "(restored)")) {
+                return -1;
+            }
+            memcpy(what == CHESS_CALIB_SUM_ABS_U ? L->sum_abs_u : L->sum_sq_u, in, n * sizeof(double));
+            return 0;
+        case CHESS_CALIB_HIST_A:
+            if (L->n_ff == 0 || n != L->n_ff * c->hist_bins) {
+                return -1;
+            }
+            memcpy(L->hist_a, in, n * sizeof(uint32_t));
+            return 0;
+        case CHESS_CALIB_HIST_CATS:
+        case CHESS_CALIB_HIST_Q:
+        case CHESS_CALIB_HIST_O: {
+            int64_t ** pool = &L->pool[what - CHESS_CALIB_HIST_CATS];
+            if (n != c->fine_bins || (*pool == NULL && (*pool = calloc(c->fine_bins, sizeof(int64_t))) == NULL)) {
+                return -1;
+            }
+            memcpy(*pool, in, n * sizeof(int64_t));
+            return 0;
+        }
+        default: return -1;
+    }
+}

@@ -50,6 +50,9 @@ CHESS_CALIB_API bool chess_calib_eval(struct ggml_tensor * t, bool ask, void * u
 CHESS_CALIB_API int64_t chess_calib_size(const struct chess_calib * c, int il, int what);
 // Copies them to out (n must equal chess_calib_size). Returns 0, or -1 for a bad request.
 CHESS_CALIB_API int chess_calib_read(const struct chess_calib * c, int il, int what, void * out, int64_t n);
+// Sets layer il's totals of `what` from in (a checkpoint: chess_calib_read's layout; the sums before
+// HIST_A, which needs the width). Returns 0, or -1 for a bad request.
+CHESS_CALIB_API int chess_calib_write(struct chess_calib * c, int il, int what, const void * in, int64_t n);
 // Why the last eval returned false ("" if it did not).
 CHESS_CALIB_API const char * chess_calib_error(const struct chess_calib * c);
 

@@ -97,23 +97,25 @@ def arch_of(model: Model) -> tuple[str, str]:
     return arch, activation_of(arch, model.path)
 
 
+# the native statistics (NativeStats.read/write) of each LayerStats field
+_NATIVE = {"sum_abs_u": NativeStats.SUM_ABS_U, "sum_sq_u": NativeStats.SUM_SQ_U, "hist_a": NativeStats.HIST_A,
+           "hist_cats": NativeStats.HIST_CATS, "hist_q": NativeStats.HIST_Q, "hist_o": NativeStats.HIST_O}
+
+
 def _native_layer(ns: NativeStats, il: int) -> LayerStats:
     L = LayerStats()
-    sa, sq, ha = ns.read(il, ns.SUM_ABS_U), ns.read(il, ns.SUM_SQ_U), ns.read(il, ns.HIST_A)
-    if sa is not None:
-        L.sum_abs_u, L.sum_sq_u, L.hist_a = sa, sq, ha.reshape(sa.size, HIST_BINS)
-    for attr, what in (("hist_cats", ns.HIST_CATS), ("hist_q", ns.HIST_Q), ("hist_o", ns.HIST_O)):
-        h = ns.read(il, what)
-        if h is not None:
-            setattr(L, attr, h)
+    for f, what in _NATIVE.items():
+        v = ns.read(il, what)
+        if v is not None:
+            setattr(L, f, v)
+    if L.sum_abs_u.size:
+        L.hist_a = L.hist_a.reshape(L.sum_abs_u.size, HIST_BINS)
     return L
 
 
 # --- checkpoints: the statistics are sums, so a run can stop after any window and resume ----------
 CKPT_FORMAT = "chess-calib-checkpoint-1"
 _ARRAYS = ("sum_abs_u", "sum_sq_u", "hist_a", "hist_cats", "hist_q", "hist_o", "a", "q", "o", "ga", "u")
-_NATIVE = {"sum_abs_u": NativeStats.SUM_ABS_U, "sum_sq_u": NativeStats.SUM_SQ_U, "hist_a": NativeStats.HIST_A,
-           "hist_cats": NativeStats.HIST_CATS, "hist_q": NativeStats.HIST_Q, "hist_o": NativeStats.HIST_O}
 
 
 def checkpoint_key(model: Model, tokens: Sequence[int], **settings) -> str:

@@ -402,6 +402,11 @@ class NativeStats:
         if self.ptr == L.ffi.NULL:
             raise RuntimeError_("chess_calib_new: bad arguments or out of memory")
 
+    @classmethod
+    def dtype(cls, what: int) -> type:
+        """float64 sums, uint32 per-channel counts, int64 pooled counts."""
+        return {cls.SUM_ABS_U: np.float64, cls.SUM_SQ_U: np.float64, cls.HIST_A: np.uint32}.get(what, np.int64)
+
     def set_skip(self, rows: int) -> None:
         self._L.llama.chess_calib_set_skip(self.ptr, rows)
 
@@ -414,7 +419,7 @@ class NativeStats:
         n = self._L.llama.chess_calib_size(self.ptr, il, what)
         if n == 0:
             return None
-        dtype = {self.SUM_ABS_U: np.float64, self.SUM_SQ_U: np.float64, self.HIST_A: np.uint32}.get(what, np.int64)
+        dtype = self.dtype(what)
         out = np.empty(n, dtype=dtype)
         if self._L.llama.chess_calib_read(self.ptr, il, what, self._L.ffi.cast("void *", out.ctypes.data), n) != 0:
             raise RuntimeError_(f"chess_calib_read: bad request (layer {il}, what {what})")
@@ -422,7 +427,7 @@ class NativeStats:
 
     def write(self, il: int, what: int, arr: np.ndarray) -> None:
         """Set layer il's totals of `what` (a checkpoint; the dtype read() gives; sums before HIST_A)."""
-        dtype = {self.SUM_ABS_U: np.float64, self.SUM_SQ_U: np.float64, self.HIST_A: np.uint32}.get(what, np.int64)
+        dtype = self.dtype(what)
         a = np.ascontiguousarray(arr, dtype=dtype).ravel()
         if self._L.llama.chess_calib_write(self.ptr, il, what, self._L.ffi.cast("void *", a.ctypes.data), a.size) != 0:
             raise RuntimeError_(f"chess_calib_write: bad request (layer {il}, what {what}, {a.size} values)")

@@ -28,7 +28,12 @@ def _sha(p):
     return h.hexdigest()
 
 
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a parent that ignores SIGINT (`cmd &`) must not make the test vacuous
+
+
 def _convert(src, out, *extra, **kw):
+    kw.setdefault("preexec_fn", _default_sigint)
     return subprocess.Popen([sys.executable, "-m", "chess_gguf", "convert", str(src), "-o", str(out), *ARGS, *extra],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
@@ -82,6 +87,7 @@ def test_full_disk_loses_nothing(smol_path, tmp_path):
     limit = smol_path.stat().st_size // 2  # the output is larger than the input: fails mid-write
 
     def small_disk():
+        _default_sigint()
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     out = tmp_path / "smol.chess.gguf"

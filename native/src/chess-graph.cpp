@@ -186,12 +186,79 @@ static void chess_in_op(ggml_tensor * dst, int ith, int nth, void * ud) {
     }
 }
 
+// Masked multi-token batches (CHESS_PREFILL=masked) take ggml's matmuls on the dense weights with
+// the masks applied between them: the same mathematics as the sparse kernels (the zeros skipped
+// there are multiplied here), at GEMM speed instead of one weight pass per token.
+
+// src: 0 activation a = act(g) f32 [n_ff, T], 1 up product f32 [n_ff, T], 2 tau f32 [n_ff] or [1]
+// dst: h = keep ? a * u : 0 with keep = |a| >= tau (chess_up_sparse's rule)
+static void chess_mask_ffn_op(ggml_tensor * dst, int ith, int nth, void * ud) {
+    const auto * p = (const chess_op_params *) ud;
+    const ggml_tensor * a = dst->src[0], * u = dst->src[1], * tau = dst->src[2];
+    const int64_t n_ff = dst->ne[0], n_tok = dst->ne[1], n_tau = tau->ne[0];
+    const float * th = (const float *) tau->data;
+    int64_t t0, t1;
+    chess_thread_range(n_tok, 1, ith, nth, &t0, &t1);
+    uint64_t kept = 0;
+    for (int64_t t = t0; t < t1; ++t) {
+        const float * at = (const float *) ((const char *) a->data + t * a->nb[1]);
+        const float * ut = (const float *) ((const char *) u->data + t * u->nb[1]);
+        float * ht = (float *) ((char *) dst->data + t * dst->nb[1]);
+        for (int64_t i = 0; i < n_ff; ++i) { // branch-free: vectorises
+            const float th_i = th[n_tau == 1 ? 0 : i];
+            const bool keep = std::fabs(at[i]) >= th_i;
+            ht[i] = keep ? at[i] * ut[i] : 0.0f;
+            kept += keep;
+        }
+    }
+    count(p, kept, (uint64_t) (n_ff * (t1 - t0)));
+    if (ith == 0 && p->layer == 0) {
+        p->st->n_tokens.fetch_add(n_tok, std::memory_order_relaxed);
+    }
+}
+
+// src: 0 v f32 [n_in, T], 1 thr f32 [1]; dst: v where v != 0 and |v| >= thr, else 0 (chess_in_sparse's rule)
+static void chess_mask_in_op(ggml_tensor * dst, int ith, int nth, void * ud) {
+    const auto * p = (const chess_op_params *) ud;
+    const ggml_tensor * v = dst->src[0];
+    const float thr = *(const float *) dst->src[1]->data;
+    const int64_t n_in = dst->ne[0], n_tok = dst->ne[1];
+    int64_t t0, t1;
+    chess_thread_range(n_tok, 1, ith, nth, &t0, &t1);
+    uint64_t active = 0;
+    for (int64_t t = t0; t < t1; ++t) {
+        const float * vt = (const float *) ((const char *) v->data + t * v->nb[1]);
+        float * ot = (float *) ((char *) dst->data + t * dst->nb[1]);
+        for (int64_t i = 0; i < n_in; ++i) {
+            const bool on = vt[i] != 0.0f && std::fabs(vt[i]) >= thr;
+            ot[i] = on ? vt[i] : 0.0f;
+            active += on;
+        }
+    }
+    count(p, active, (uint64_t) (n_in * (t1 - t0)));
+}
+
+// Masked batches of at least this many rows take ggml's matmuls; smaller ones run the sparse
+// kernels token by token. Below 64 rows llama.cpp's own dense CPU ops give rows bit-identical to
+// one-token decoding (tests/test_soak.py), so a masked batch that small (server slots, the soak's
+// reference) reproduces sparse decoding exactly; from 64 rows they do not, and the matmuls are
+// many times faster (one weight pass per batch instead of half a pass per token). The environment
+// variable of the same name overrides it.
+static int64_t chess_masked_gemm_min_rows() {
+    static const int64_t n = [] {
+        const char * e = getenv("CHESS_MASKED_GEMM_MIN_ROWS");
+        return e && *e ? (int64_t) atoll(e) : (int64_t) 64;
+    }();
+    return n;
+}
+
 static chess_op_params * op_params(chess_state * st, int il, int slot) {
     return &st->params[(size_t) il * (CHESS_N_PARTS + 1) + slot];
 }
 
 ggml_tensor * chess_build_ffn(ggml_context * ctx, chess_state * st, int il, int64_t n_batch, ggml_tensor * x,
-                              ggml_tensor * gate, ggml_tensor * up, enum chess_act act, const chess_name_cb & cb) {
+                              ggml_tensor * gate, ggml_tensor * up, ggml_tensor * down, enum chess_act act,
+                              const chess_name_cb & cb) {
     const int64_t n_tok = x->ne[1];
     if (!st || !st->active(il, CHESS_PART_FFN, n_batch) || !up || x->type != GGML_TYPE_F32 ||
         !chess_type_supported(up->type) || !chess_wt_supported(st->layers[il].wt_down->type)) {
@@ -217,6 +284,22 @@ ggml_tensor * chess_build_ffn(ggml_context * ctx, chess_state * st, int il, int6
     cb(g, "ffn_gate", il);
     chess_op_params * pu = op_params(st, il, CHESS_PART_FFN);
     pu->act = act;
+    if (n_tok > 1 && n_tok >= chess_masked_gemm_min_rows()) { // masked batch: dense up, the mask, dense down
+                                                               // (compact: through chess_build_proj)
+        ggml_tensor * u = ggml_mul_mat(ctx, up, x);
+        cb(u, "ffn_up", il);
+        // ggml's vectorised activation (the dense path's), not chess_act_apply's scalar one: masks
+        // of channels at their threshold may differ from a decoded token's (the tests measure it)
+        ggml_tensor * a = act == CHESS_ACT_GELU ? ggml_gelu(ctx, g) : ggml_silu(ctx, g);
+        cb(a, "ffn_act", il);
+        ggml_tensor * args[3] = { a, u, thr };
+        ggml_tensor * h = ggml_custom_4d(ctx, GGML_TYPE_F32, n_ff, n_tok, 1, 1, args, 3, chess_mask_ffn_op,
+                                         GGML_N_TASKS_MAX, pu);
+        cb(h, "ffn_chess_h", il);
+        ggml_tensor * y = st->compact ? chess_build_proj(ctx, st, n_batch, down, h, cb) : ggml_mul_mat(ctx, down, h);
+        cb(y, "ffn_chess_down", il);
+        return y;
+    }
     ggml_tensor * args_up[4] = { g, x, up, thr };
     ggml_tensor * h = ggml_custom_4d(ctx, GGML_TYPE_F32, n_ff, n_tok, 1, 1, args_up, 4, chess_up_op,
                                      GGML_N_TASKS_MAX, pu);
@@ -253,7 +336,7 @@ static int64_t chess_compact_in_max_tokens() {
     return n;
 }
 
-ggml_tensor * chess_build_proj(ggml_context * ctx, chess_state * st, int64_t n_batch, const ggml_tensor * w, ggml_tensor * v,
+ggml_tensor * chess_build_proj(ggml_context * ctx, chess_state * st, int64_t n_batch, ggml_tensor * w, ggml_tensor * v,
                                const chess_name_cb & cb) {
     if (!st || v->type != GGML_TYPE_F32) {
         return nullptr;
@@ -272,7 +355,7 @@ ggml_tensor * chess_build_proj(ggml_context * ctx, chess_state * st, int64_t n_b
     const chess_layer & L = st->layers[il];
     ggml_tensor * wt  = part == CHESS_PART_Q ? L.wt_q  : part == CHESS_PART_O ? L.wt_o : L.wt_down;
     ggml_tensor * thr = part == CHESS_PART_Q ? L.thr_q : part == CHESS_PART_O ? L.thr_o : nullptr;
-    const bool sparse = part != CHESS_PART_FFN && st->active(il, part, n_batch);
+    bool sparse = part != CHESS_PART_FFN && st->active(il, part, n_batch);
     if (!sparse && !st->compact) {
         return nullptr;
     }
@@ -290,6 +373,19 @@ ggml_tensor * chess_build_proj(ggml_context * ctx, chess_state * st, int64_t n_b
     GGML_ASSERT(v->ne[0] == n_in);
     const char * name = part == CHESS_PART_Q ? "attn_q_chess" : part == CHESS_PART_O ? "attn_o_chess" : "ffn_down_chess";
     ggml_tensor * y;
+    if (sparse && v->ne[1] > 1 && v->ne[1] >= chess_masked_gemm_min_rows()) { // masked batch: the masked input,
+                                                                               // then the dense product
+        ggml_tensor * args[2] = { v, ggml_view_1d(ctx, thr, 1, st->level * sizeof(float)) };
+        v = ggml_custom_4d(ctx, GGML_TYPE_F32, n_in, v->ne[1], 1, 1, args, 2, chess_mask_in_op,
+                           GGML_N_TASKS_MAX, op_params(st, il, part));
+        cb(v, part == CHESS_PART_Q ? "attn_q_chess_in" : "attn_o_chess_in", il);
+        if (!st->compact) {
+            y = ggml_mul_mat(ctx, w, v);
+            cb(y, name, il);
+            return y;
+        }
+        sparse = false; // compact: the dense routes below
+    }
     if (sparse || v->ne[1] <= chess_compact_in_max_tokens()) {
         ggml_tensor * args[3] = { v, wt, sparse ? ggml_view_1d(ctx, thr, 1, st->level * sizeof(float)) : nullptr };
         y = ggml_custom_4d(ctx, GGML_TYPE_F32, n_out, v->ne[1], 1, 1, args, sparse ? 3 : 2, chess_in_op,

@@ -80,17 +80,21 @@ using chess_name_cb = std::function<void(ggml_tensor *, const char *, int)>; // 
 
 // Sparse FFN for a parallel-gated SiLU/GELU FFN with no biases, scales or adapters:
 // dense gate -> act -> per-channel (or CATS) mask -> output-sparse up -> input-sparse down.
+// A masked batch of >= 64 rows (CHESS_PREFILL=masked; CHESS_MASKED_GEMM_MIN_ROWS): dense up -> mask -> dense down with
+// ggml's matmuls (`down`: the original W_down, or in the compact layout the transposed one).
 // gate = nullptr: `up` is a fused [n_embd, 2 n_ff] gate+up tensor (SwiGLU; the gate's rows first).
 // n_batch: tokens in the batch (ubatch), which decides decode vs prompt; x may hold fewer rows
 // (the last layer only computes the rows whose outputs are wanted).
 // Returns nullptr when this layer/batch should take the dense path.
 ggml_tensor * chess_build_ffn(ggml_context * ctx, chess_state * st, int il, int64_t n_batch, ggml_tensor * x,
-                              ggml_tensor * gate, ggml_tensor * up, enum chess_act act, const chess_name_cb & cb);
+                              ggml_tensor * gate, ggml_tensor * up, ggml_tensor * down, enum chess_act act,
+                              const chess_name_cb & cb);
 
 // The matmul of `w` by `v` when CHESS handles it: input-sparse through the transposed copy when
 // `w` is some layer's W_q (input = attn_norm output) or W_o (input = kqv_out) and the level is on;
 // with the compact layout also every dense product by a transposed-only W_down/W_q/W_o (the
 // dense in kernel for a few tokens, else a re-transposed Q8_0 copy and ggml's matmul). K and V
-// never match. n_batch as for chess_build_ffn. Returns nullptr for ggml's own matmul.
-ggml_tensor * chess_build_proj(ggml_context * ctx, chess_state * st, int64_t n_batch, const ggml_tensor * w, ggml_tensor * v,
+// never match. A masked batch of >= 64 rows: the masked input times the dense weight (ggml's
+// matmul). n_batch as for chess_build_ffn. Returns nullptr for ggml's own matmul.
+ggml_tensor * chess_build_proj(ggml_context * ctx, chess_state * st, int64_t n_batch, ggml_tensor * w, ggml_tensor * v,
                                const chess_name_cb & cb);

@@ -18,9 +18,10 @@ import os
 import re
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -127,19 +128,25 @@ def checkpoint_key(model: Model, tokens: Sequence[int], **settings) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path: Path, key: str, windows_done: int, layers: list[LayerStats]) -> None:
-    """Atomically (a hidden temporary file renamed over the old one)."""
-    arrays = {"format": np.array(CKPT_FORMAT), "key": np.array(key), "windows": np.array(windows_done)}
-    for il, L in enumerate(layers):
-        for f in _ARRAYS:
-            v = getattr(L, f)
-            if v is not None:
-                arrays[f"{il}.{f}"] = v
-        arrays[f"{il}.sum_r2"] = np.array(L.sum_r2)
+def save_checkpoint(path: Path, key: str, windows_done: int, layers: Iterable[LayerStats]) -> None:
+    """Atomically (a hidden temporary file renamed over the old one). The file is what np.savez writes
+    (np.load reads it), written one layer at a time: `layers` may be a generator reading them."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+    def put(z: zipfile.ZipFile, name: str, v: np.ndarray) -> None:
+        with z.open(name + ".npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, np.asanyarray(v), allow_pickle=False)
+
     try:
-        with sigterm_as_interrupt(), open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
+        with sigterm_as_interrupt(), open(tmp, "wb") as fh, zipfile.ZipFile(fh, "w", allowZip64=True) as z:
+            for name, v in (("format", CKPT_FORMAT), ("key", key), ("windows", windows_done)):
+                put(z, name, np.array(v))
+            for il, L in enumerate(layers):
+                for f in _ARRAYS:
+                    v = getattr(L, f)
+                    if v is not None:
+                        put(z, f"{il}.{f}", v)
+                put(z, f"{il}.sum_r2", np.array(L.sum_r2))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -173,7 +180,8 @@ def load_checkpoint(path: Path, key: str, n_layer: int) -> Optional[tuple[int, l
 def calibrate(model: Model, tokens: Sequence[int], *, ctx: int = 512, threads: Optional[int] = None,
               keep_rows: int = 0, keep_signed: bool = False, progress: bool = True,
               native: Optional[bool] = None, stats_threads: Optional[int] = None,
-              checkpoint: Optional[Path] = None, checkpoint_every: float = 300.0) -> CalibStats:
+              checkpoint: Optional[Path] = None, checkpoint_every: float = 300.0,
+              after_tokens: int = 0) -> CalibStats:
     """Gather statistics over `tokens`, split into windows of ctx-1 tokens each led by BOS.
 
     The BOS position (an attention sink with outlier activations) is excluded from statistics.
@@ -183,6 +191,8 @@ def calibrate(model: Model, tokens: Sequence[int], *, ctx: int = 512, threads: O
     checkpoint: a file where the statistics are saved every checkpoint_every seconds and at the end;
     a run with the same model, tokens and settings resumes from it (and skips calibration if it is
     complete). The caller removes it when it is done with the statistics.
+    after_tokens: tokens the caller decodes after calibration at about the same speed (convert's rule
+    choice); the progress bar then also shows the time left for both ("all done in").
     """
     if native is None:
         native = keep_rows == 0 and not keep_signed
@@ -279,13 +289,22 @@ def calibrate(model: Model, tokens: Sequence[int], *, ctx: int = 512, threads: O
         hooks = {"native_stats": ns}
     else:
         hooks = {"eval_callback": (wants, on_node)}
-    def layers() -> list[LayerStats]:
-        return [_native_layer(ns, il) for il in range(n_layer)] if ns is not None else st.layers
+    def layers() -> Iterable[LayerStats]:  # native: read one layer at a time (a checkpoint streams them)
+        return (_native_layer(ns, il) for il in range(n_layer)) if ns is not None else st.layers
 
-    def save(n: int) -> None:
+    def final_layers() -> list[LayerStats]:  # native: each layer freed once read (one copy of the counts)
+        if ns is None:
+            return st.layers
+        out = []
+        for il in range(n_layer):
+            out.append(_native_layer(ns, il))
+            ns.release(il)
+        return out
+
+    def save(n: int, stats: Iterable[LayerStats]) -> None:
         nonlocal checkpoint
         try:
-            save_checkpoint(checkpoint, key, n, layers())
+            save_checkpoint(checkpoint, key, n, stats)
         except OSError as e:  # a full disk: go on without (the statistics are still in memory)
             print(f"note: {checkpoint}: cannot save the calibration checkpoint ({e.strerror or e}): "
                   "going on without", file=sys.stderr)
@@ -305,12 +324,16 @@ def calibrate(model: Model, tokens: Sequence[int], *, ctx: int = 512, threads: O
                 g0 += len(w)
                 if bar:
                     bar.update(len(w))
+                    rate = bar.format_dict["rate"]
+                    if after_tokens and rate:
+                        left = (n_total - bar.n + after_tokens) / rate
+                        bar.set_postfix_str(f"all done in {bar.format_interval(left)}", refresh=False)
                 if checkpoint is not None and i + 1 < len(windows) and time.monotonic() - last >= checkpoint_every:
-                    save(i + 1)
+                    save(i + 1, layers())
                     last = time.monotonic()
-        st.layers = layers()
+        st.layers = final_layers()
         if checkpoint is not None:
-            save(len(windows))
+            save(len(windows), st.layers)
     if bar:
         bar.close()
     if ns is not None:

@@ -1,6 +1,7 @@
 """`convert`: calibrate -> thresholds -> transposed weights -> CHESS GGUF (docs/format.md)."""
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import re
@@ -201,16 +202,21 @@ def threshold_tensors(thr: list[dict], attention: bool, no_q: Sequence[int] = ()
     return out
 
 
-def held_out_nll(path: Path, windows: list[list[int]], levels: Sequence[float], threads: Optional[int]) -> float:
+def held_out_nll(path: Path, windows: list[list[int]], levels: Sequence[float], threads: Optional[int],
+                 bar=None) -> float:
     """Mean NLL per scored token of `windows` decoded with CHESS-FFN (masks on every token) at each
-    level of a converted file, averaged over the levels."""
+    level of a converted file, averaged over the levels. bar: a progress bar advanced by each window."""
     model = Model(path)
     try:
         with Context(model, n_ctx=len(windows[0]), n_batch=len(windows[0]), n_threads=threads) as c:
             per_level = []
             for lv in levels:
                 c.chess_set("chess-ffn", f"{lv:g}", "masked")
-                nll = [window_nll(c, w) for w in windows]
+                nll = []
+                for w in windows:
+                    nll.append(window_nll(c, w))
+                    if bar is not None:
+                        bar.update(len(w))
                 per_level.append(sum(a for a, _ in nll) / sum(b for _, b in nll))
     finally:
         model.close()
@@ -229,14 +235,14 @@ def _write_tau(path: Path, thr: list[dict]) -> None:
 
 
 def choose_rule(path: Path, cands: dict[str, list[dict]], windows: list[list[int]], levels: Sequence[float],
-                threads: Optional[int]) -> dict[str, float]:
+                threads: Optional[int], bar=None) -> dict[str, float]:
     """Held-out NLL of each candidate rule's thresholds, through the runtime, on the written output
     (the candidates differ only in chess_ffn_tau, rewritten in place between runs); the file is left
     with the best candidate's thresholds."""
     scores = {}
     for rule, thr in cands.items():
         _write_tau(path, thr)
-        scores[rule] = held_out_nll(path, windows, levels, threads)
+        scores[rule] = held_out_nll(path, windows, levels, threads, bar)
     best = min(scores, key=scores.get)
     if best != rule:
         _write_tau(path, cands[best])
@@ -300,6 +306,16 @@ def transposed_tensors(reader, n_layer: int, wt_type: Optional[QT], progress: bo
     return out
 
 
+def trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it otherwise: the histograms are many
+    arrays of a few MB, below its mmap threshold). A no-op elsewhere."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def convert(inp: str, out: Optional[str], opt: Options) -> dict:
     t0 = time.perf_counter()
     inp_p = Path(inp)
@@ -339,18 +355,21 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
     if len(tokens) < opt.calib_tokens:
         print(f"note: calibration text has only {len(tokens)} tokens (asked for {opt.calib_tokens})", file=sys.stderr)
     ckpt = checkpoint_path(out_p)
-    st = calibrate(model, tokens, ctx=opt.ctx, threads=opt.threads, progress=opt.progress,
-                   keep_rows=opt.budget_rows if opt.budget else 0, keep_signed=opt.budget,
-                   checkpoint=ckpt, checkpoint_every=opt.checkpoint_every)
-    t_calib = time.perf_counter() - t0
-    n_layer = model.n_layer
-    model.close()
-
+    auto_levels = [lv for lv in levels if lv in AUTO_LEVELS] or [float(opt.default_level)]
     rules = AUTO_RULES if opt.rule == "auto" else (opt.rule,)
     if opt.rule == "auto" and len(windows) < 2:
         print(f"note: --rule auto needs {2 * opt.ctx} calibration tokens beyond --calib-tokens (has "
               f"{len(held)}): using the paper's rule", file=sys.stderr)
         rules = ("chess",)
+    # the rule choice decodes its windows at each level for each candidate, at about calibration's speed
+    scored = len(rules) * len(auto_levels) * len(windows) * opt.ctx if len(rules) > 1 else 0
+    st = calibrate(model, tokens, ctx=opt.ctx, threads=opt.threads, progress=opt.progress,
+                   keep_rows=opt.budget_rows if opt.budget else 0, keep_signed=opt.budget,
+                   checkpoint=ckpt, checkpoint_every=opt.checkpoint_every, after_tokens=scored)
+    t_calib = time.perf_counter() - t0
+    n_layer = model.n_layer
+    model.close()
+
     col = None
     if "wchess" in rules:  # column norms of the original W_down (not of its requantized copy)
         col = [column_norms(fmt.tensor_f32(reader, f"blk.{il}.ffn_down.weight")) for il in range(n_layer)]
@@ -361,20 +380,33 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
             layer_levels = layer_budget(st, levels, opt.stat, rule, col,
                                         lambda il: fmt.tensor_f32(reader, f"blk.{il}.ffn_down.weight"), opt.budget_span)
         cands[rule] = compute_thresholds(st, levels, opt.stat, rule, col, layer_levels)
+    # The statistics are done with: keep each candidate's realised sparsity, free the histograms
+    # (n_ff x 768 counts per layer, 1.4 GB on an 8B model) before the copies are made.
+    sps = {r: calib_sparsity(st, thr, levels) for r, thr in cands.items()}
+    n_tokens, st = st.n_tokens, None
+    gc.collect()
+    trim_heap()
     no_q = fused_qkv_layers(reader, n_layer)
-    wts = transposed_tensors(reader, n_layer, wt_type, opt.progress, opt.layout, exact=opt.wt_type in (None, "x4"),
-                             no_q=no_q)
-    if not opt.attention:
-        wts = [w for w in wts if w[0].endswith("chess_wt_down")]
-    drop = set()
-    if opt.layout == "compact":  # the copies take the originals' names and places in memory
-        renamed = []
-        for name, data, qt in wts:
-            il, kind = name.split(".")[1], name.split(".")[2]
-            orig = f"blk.{il}.{fmt.TRANSPOSED_OF[kind]}"
-            drop.add(orig)
-            renamed.append((orig, data, qt))
-        wts = renamed
+
+    def copies(reader) -> tuple[list, set]:
+        """The transposed copies, and the original tensors they replace (compact layout)."""
+        wts = transposed_tensors(reader, n_layer, wt_type, opt.progress, opt.layout,
+                                 exact=opt.wt_type in (None, "x4"), no_q=no_q)
+        if not opt.attention:
+            wts = [w for w in wts if w[0].endswith("chess_wt_down")]
+        drop = set()
+        if opt.layout == "compact":  # the copies take the originals' names and places in memory
+            renamed = []
+            for name, data, qt in wts:
+                il, kind = name.split(".")[1], name.split(".")[2]
+                orig = f"blk.{il}.{fmt.TRANSPOSED_OF[kind]}"
+                drop.add(orig)
+                renamed.append((orig, data, qt))
+            wts = renamed
+        return wts, drop
+
+    wts, drop = copies(reader)
+    wt_types = sorted({"x4" if w[2] == QT.I8 else str(w[2].name if w[2] is not None else w[1].dtype) for w in wts})
     kv = {
         "chess.version": (fmt.FORMAT_VERSION, VT.UINT32, None),
         "chess.levels": (levels, VT.ARRAY, VT.FLOAT32),
@@ -384,7 +416,7 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
         "chess.budget": ("ffn-layer" if opt.budget else "uniform", VT.STRING, None),
         "chess.activation": (act_kind, VT.STRING, None),
         "chess.attention": (bool(opt.attention), VT.BOOL, None),
-        "chess.calib_tokens": (int(st.n_tokens), VT.UINT64, None),
+        "chess.calib_tokens": (int(n_tokens), VT.UINT64, None),
         "chess.calib_sha256": (text_sha, VT.STRING, None),
         "chess.tool_version": (f"chess_gguf {__version__}", VT.STRING, None),
         "chess.layout": (opt.layout, VT.STRING, None),
@@ -397,33 +429,42 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
     if len(cands) == 1:
         write_with_extras(reader, out_p, kv, tensors + wts, progress=opt.progress, drop=drop)
     else:
-        auto_levels = [lv for lv in levels if lv in AUTO_LEVELS] or [float(opt.default_level)]
         tmp = out_p.with_name(f".{out_p.name}.rule-{os.getpid()}")
         with sigterm_as_interrupt():
             try:
                 write_with_extras(reader, tmp, kv, tensors + wts, progress=opt.progress, drop=drop, named=out_p)
+                # Scoring maps the written file: drop the copies and the input's pages first (read
+                # while writing, they count in the RSS), or the peak is input + copies + output.
+                del wts, tensors
+                gc.collect()
+                trim_heap()
+                gguf_io.release_pages(reader)
+                bar = None
                 if opt.progress:
-                    print(f"choosing the rule ({', '.join(cands)}): held-out NLL of {len(windows)} windows at "
-                          f"level(s) {', '.join(f'{x:g}' for x in auto_levels)} ...", file=sys.stderr, flush=True)
-                scores = choose_rule(tmp, cands, windows, auto_levels, opt.threads)
-                if opt.progress:
+                    from tqdm import tqdm
+                    bar = tqdm(total=scored, unit="tok", dynamic_ncols=True,
+                               desc=f"choosing the rule ({', '.join(cands)}; held-out NLL at level "
+                                    f"{', '.join(f'{x:g}' for x in auto_levels)})")
+                scores = choose_rule(tmp, cands, windows, auto_levels, opt.threads, bar)
+                if bar is not None:
+                    bar.close()
                     print("  " + ", ".join(f"{r} {v:.4f}" for r, v in scores.items()), file=sys.stderr, flush=True)
                 rule = min(scores, key=scores.get)
                 if rule != kv["chess.rule"][0] and not patch_string(tmp, "chess.rule", rule):
                     kv["chess.rule"] = (rule, VT.STRING, None)  # the header would move the data: write again
+                    wts, drop = copies(reader)
                     write_with_extras(reader, tmp, kv, threshold_tensors(cands[rule], opt.attention, no_q) + wts,
                                       progress=opt.progress, drop=drop, named=out_p)
                 os.replace(tmp, out_p)
             finally:
                 tmp.unlink(missing_ok=True)
     ckpt.unlink(missing_ok=True)  # the output is in place: the statistics are no longer needed
-    thr = cands[rule]
-    sp = calib_sparsity(st, thr, levels)
+    sp = sps[rule]
     size_in, size_out = inp_p.stat().st_size, out_p.stat().st_size
     return {
-        "output": str(out_p), "arch": arch, "rule": rule, "rule_scores": scores, "budget": bool(opt.budget), "levels": levels, "layout": opt.layout, "n_tokens": st.n_tokens,
+        "output": str(out_p), "arch": arch, "rule": rule, "rule_scores": scores, "budget": bool(opt.budget), "levels": levels, "layout": opt.layout, "n_tokens": n_tokens,
         "seconds": time.perf_counter() - t0, "calib_seconds": t_calib,
-        "size_in": size_in, "size_out": size_out, "sparsity": sp, "wt_types": sorted({"x4" if w[2] == QT.I8 else str(w[2].name if w[2] is not None else w[1].dtype) for w in wts}),
+        "size_in": size_in, "size_out": size_out, "sparsity": sp, "wt_types": wt_types,
     }
 
 

@@ -6,6 +6,7 @@ format on top of it is chess_gguf/format.py; writing is chess_gguf/writer.py.
 from __future__ import annotations
 
 import functools
+import mmap
 import os
 import sys
 from pathlib import Path
@@ -111,6 +112,14 @@ def read(path: str | os.PathLike) -> Reader:
     if end > st.st_size:
         raise RuntimeError_(f"{p}: truncated GGUF (tensor data ends at byte {end}, file has {st.st_size})")
     return r
+
+
+def release_pages(reader: GGUFReader) -> None:
+    """Drop the reader's resident pages from this process (they stay in the page cache, and a later
+    read maps them again): a file read through once stops counting in the RSS. Not on every OS."""
+    mm = getattr(reader.data, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED)
 
 
 def field_value(reader: GGUFReader, key: str, default: Any = None) -> Any:

@@ -185,6 +185,7 @@ bool chess_calib_eval(struct ggml_tensor * t, bool ask, void * user_data);
 int64_t chess_calib_size(const struct chess_calib * c, int il, int what);
 int chess_calib_read(const struct chess_calib * c, int il, int what, void * out, int64_t n);
 int chess_calib_write(struct chess_calib * c, int il, int what, const void * in, int64_t n);
+void chess_calib_release(struct chess_calib * c, int il);
 const char * chess_calib_error(const struct chess_calib * c);
 """
 
@@ -431,6 +432,10 @@ class NativeStats:
         a = np.ascontiguousarray(arr, dtype=dtype).ravel()
         if self._L.llama.chess_calib_write(self.ptr, il, what, self._L.ffi.cast("void *", a.ctypes.data), a.size) != 0:
             raise RuntimeError_(f"chess_calib_write: bad request (layer {il}, what {what}, {a.size} values)")
+
+    def release(self, il: int) -> None:
+        """Free layer il's totals (read them first)."""
+        self._L.llama.chess_calib_release(self.ptr, il)
 
     def close(self) -> None:
         if self.ptr is not None:

@@ -6,6 +6,8 @@
 //   ffn_up-N    per-channel sums of |u| and u^2 (double, rows in order: bit-identical to numpy's sums)
 //   ffn_gate-N  per-channel log-histograms of |act(g)| (hist_bins) and one pooled histogram (fine_bins)
 //   attn_norm-N, kqv_out-N  pooled log-histograms of |x| (the W_q and W_o inputs)
+// Once it has counted the last layer's nodes it returns false, which stops the graph before the
+// output head: the logits of such a decode are not computed (calibration needs none).
 // bin = clip(trunc((log(max(|v|, 1e-30)) - log_lo) / width), 0, bins - 1), as thresholds.hist_index.
 // log and exp are our own polynomials (no libm, no FMA), so the counts are the same on every machine
 // and for every thread count (threads own column ranges; counts are integers).
@@ -53,6 +55,9 @@ CHESS_CALIB_API int chess_calib_read(const struct chess_calib * c, int il, int w
 // Sets layer il's totals of `what` from in (a checkpoint: chess_calib_read's layout; the sums before
 // HIST_A, which needs the width). Returns 0, or -1 for a bad request.
 CHESS_CALIB_API int chess_calib_write(struct chess_calib * c, int il, int what, const void * in, int64_t n);
+// Frees layer il's totals (its sizes become 0): a caller that has read them frees the largest
+// arrays one layer at a time instead of holding two copies of all of them.
+CHESS_CALIB_API void chess_calib_release(struct chess_calib * c, int il);
 // Why the last eval returned false ("" if it did not).
 CHESS_CALIB_API const char * chess_calib_error(const struct chess_calib * c);
 

@@ -58,7 +58,7 @@ CHESS_CALIB_API int chess_calib_write(struct chess_calib * c, int il, int what, 
 // Frees layer il's totals (its sizes become 0): a caller that has read them frees the largest
 // arrays one layer at a time instead of holding two copies of all of them.
 CHESS_CALIB_API void chess_calib_release(struct chess_calib * c, int il);
-// Why the last eval returned false ("" if it did not).
+// Why the last eval failed ("" if none did; the stop after the last layer is not a failure).
 CHESS_CALIB_API const char * chess_calib_error(const struct chess_calib * c);
 
 #ifdef __cplusplus

@@ -97,11 +97,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
-    from .evaluate import Options, evaluate, markdown_table, summary_lines, write_outputs
+    from .evaluate import Options, evaluate, kld_table, markdown_table, summary_lines, write_outputs
 
     ppl = None if args.ppl.strip().lower() == "none" else args.ppl
     opt = Options(levels=args.levels, methods=args.methods, ppl=ppl, ppl_tokens=args.ppl_tokens, tasks=args.tasks,
-                  limit=args.limit, ctx=args.ctx, threads=args.threads, progress=not args.quiet)
+                  limit=args.limit, ctx=args.ctx, threads=args.threads, progress=not args.quiet, kld=args.kld)
     res = evaluate(args.model, opt, log=(lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr)))
     if args.out:
         for p in write_outputs(res, args.out):
@@ -111,6 +111,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         print(markdown_table(res))
         print()
+        if args.kld:
+            print(kld_table(res))
+            print()
         for line in summary_lines(res):
             print(line)
     return 0
@@ -254,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=positive_int, default=None,
                    help="a fixed subsample (seed 1234) of N items per task (default: every item)")
     e.add_argument("--ctx", type=positive_int, default=512, help="perplexity window in tokens (default 512)")
+    e.add_argument("--kld", action="store_true",
+                   help="also the KL divergence of each sparse row's next-token distributions from the dense "
+                        "row's on the perplexity texts (mean with a 95%% interval, median, 99th percentile, share "
+                        "of tokens with the same top token; paired intervals between methods at each level), as "
+                        "llama-perplexity --kl-divergence reports for quantization. Resolves differences that "
+                        "perplexity and the tasks cannot. Needs off in --levels")
     e.add_argument("--out", metavar="DIR", help="also write results.json, results.md and PNG plots into DIR")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of the Markdown table")
     e.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")

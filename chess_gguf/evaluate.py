@@ -53,7 +53,8 @@ import numpy as np
 from .data import DOMAINS, TASKS, default_eval_path, domain_path, load_task, task_path
 from .options import METHODS
 from .runtime import Context, Model
-from .windows import bos_replacing, bos_tokens, log_softmax_at, window_nll
+from .kld import paired, summary as kld_summary, token_kld
+from .windows import bos_replacing, bos_tokens, log_softmax_at, window_logits, window_nll
 
 # Tasks for which lm-evaluation-harness reports acc_norm (its yaml lists the metric).
 ACC_NORM_TASKS = frozenset({"arc_easy", "arc_challenge", "hellaswag", "openbookqa", "piqa", "sciq"})
@@ -245,6 +246,7 @@ class Options:
     ctx: int = 512
     threads: Optional[int] = None
     progress: bool = True
+    kld: bool = False                 # KL divergence of each sparse row from the dense row (perplexity texts)
 
 
 def row_plan(levels: Sequence[str], methods: Sequence[str]) -> list[tuple[str, str]]:
@@ -303,6 +305,9 @@ def evaluate(path: str, opt: Options, log: Callable[[str], None] = lambda s: Non
         raise ValueError("nothing to evaluate: --ppl none and --tasks none")
     if opt.ctx < 16:
         raise ValueError(f"--ctx {opt.ctx}: use at least 16 tokens")
+    if opt.kld and (opt.ppl is None or "off" not in opt.levels):
+        raise ValueError("--kld compares each sparse row with the dense row on the perplexity texts: "
+                         "keep off in --levels and give a --ppl text")
     for t in opt.tasks:
         task_path(t)  # fail early (with the fix) when the data is missing
     model = Model(path)
@@ -330,71 +335,98 @@ def evaluate(path: str, opt: Options, log: Callable[[str], None] = lambda s: Non
                     ctx.chess_set(m, lv, "masked")
                 except ValueError as e:
                     raise ValueError(f"{path}: {e}") from None
-        per_row = len(windows) + sum(len(v) for v in items.values())
-        bar = _Progress(per_row * len(plan), opt.progress)
-        results = []
-        t_all, n_all = 0.0, 0
-        for method, level in plan:
-            label = "dense" if method == "dense" else f"{method} {level}"
-            bar.label(label)
-            if method == "dense":
-                if is_chess:
-                    ctx.chess_set(level="off")
-            else:
+
+        def use(i: int) -> None:
+            method, level = plan[i]
+            if method != "dense":
                 ctx.chess_set(method, level, "masked")
-            if is_chess:
-                ctx.chess_stats_reset()
-            t0 = time.perf_counter()
-            n_tok = 0
-            segs: list = []
-            row: dict = {"method": method, "level": level if level == "off" else float(level)}
-            if texts:
-                row["ppl_texts"] = {}
-                for name, _, ws in texts:
-                    nll, cnt = 0.0, 0
-                    for w in ws:
-                        a, b = window_nll(ctx, w)
-                        nll, cnt = nll + a, cnt + b
-                        n_tok += len(w)
-                        bar.step()
-                    row["ppl_texts"][name] = {"ppl": math.exp(nll / cnt), "scored_tokens": cnt,
-                                               **_segment_sparsity(ctx, method == "dense", segs)}
-                first = row["ppl_texts"][texts[0][0]]
-                row["ppl"] = first["ppl"]
-                row["ppl_scored_tokens"] = first["scored_tokens"]
-            else:
-                row["ppl"] = None
-            tasks_out = {}
-            for t, its in items.items():
-                acc = accn = 0
-                for it in its:
-                    a, an, _, n = score_item(ctx, it)
-                    acc, accn, n_tok = acc + a, accn + an, n_tok + n
+            elif is_chess:
+                ctx.chess_set(level="off")
+
+        labels = ["dense" if m == "dense" else f"{m} {lv}" for m, lv in plan]
+        bar = _Progress((len(windows) + sum(len(v) for v in items.values())) * len(plan), opt.progress)
+        results: list[dict] = [{"method": m, "level": lv if lv == "off" else float(lv)} for m, lv in plan]
+        secs, n_tok = [0.0] * len(plan), [0] * len(plan)
+        segs: list[list] = [[] for _ in plan]
+        if is_chess:
+            ctx.chess_stats_reset()
+        # Perplexity window by window, every row on each window in turn: --kld then compares each
+        # sparse row with the dense logits of the same window, and only one window's are kept.
+        for name, _, ws in texts:
+            nll, cnt = [0.0] * len(plan), [0] * len(plan)
+            text_segs: list[list] = [[] for _ in plan]
+            kl: list[list] = [[] for _ in plan]
+            same: list[list] = [[] for _ in plan]
+            for w in ws:
+                base = None
+                for i, (method, _lv) in enumerate(plan):
+                    bar.label(labels[i])
+                    use(i)
+                    t0 = time.perf_counter()
+                    logits = window_logits(ctx, w)
+                    a, b = window_nll(ctx, w, logits)
+                    secs[i] += time.perf_counter() - t0
+                    nll[i], cnt[i], n_tok[i] = nll[i] + a, cnt[i] + b, n_tok[i] + len(w)
+                    if method != "dense":
+                        _segment_sparsity(ctx, False, text_segs[i])
+                    if opt.kld and method == "dense":
+                        base = logits
+                    elif opt.kld:
+                        k, t = token_kld(base, logits)
+                        kl[i].append(k)
+                        same[i].append(t)
                     bar.step()
-                n = len(its)
-                pa, pn = acc / n, accn / n
-                norm = t in ACC_NORM_TASKS
-                tasks_out[t] = {"acc": pa, "acc_norm": pn if norm else None, "n": n,
-                                "acc_stderr": binom_stderr(pa, n),
-                                "acc_norm_stderr": binom_stderr(pn, n) if norm else None}
-            if tasks_out:
-                _segment_sparsity(ctx, method == "dense", segs)
-            dt = time.perf_counter() - t0
-            row["tasks"] = tasks_out
-            row["avg_acc"] = float(np.mean([v["acc"] for v in tasks_out.values()])) if tasks_out else None
+            for i, (method, _lv) in enumerate(plan):
+                r = results[i]
+                parts = {k: 0.0 for k in PARTS} if method == "dense" else _combine(text_segs[i])
+                r.setdefault("ppl_texts", {})[name] = {"ppl": math.exp(nll[i] / cnt[i]), "scored_tokens": cnt[i],
+                                                       "realised_sparsity": parts["ffn"],
+                                                       "realised_sparsity_parts": parts}
+                segs[i] += text_segs[i]
+                if kl[i]:
+                    r.setdefault("kld_texts", {})[name] = kld_summary(kl[i], same[i])
+        for i, r in enumerate(results):
+            first = r["ppl_texts"][texts[0][0]] if texts else None
+            r["ppl"] = first["ppl"] if first else None
+            if first:
+                r["ppl_scored_tokens"] = first["scored_tokens"]
+            if opt.kld and texts:
+                r["kld"] = r["kld_texts"][texts[0][0]]["mean"] if "kld_texts" in r else 0.0  # dense: 0
+        for i, (method, _lv) in enumerate(plan):
+            r = results[i]
+            tasks_out = {}
+            if items:
+                bar.label(labels[i])
+                use(i)
+                t0 = time.perf_counter()
+                for t, its in items.items():
+                    acc = accn = 0
+                    for it in its:
+                        a, an, _, n = score_item(ctx, it)
+                        acc, accn, n_tok[i] = acc + a, accn + an, n_tok[i] + n
+                        bar.step()
+                    n = len(its)
+                    pa, pn = acc / n, accn / n
+                    norm = t in ACC_NORM_TASKS
+                    tasks_out[t] = {"acc": pa, "acc_norm": pn if norm else None, "n": n,
+                                    "acc_stderr": binom_stderr(pa, n),
+                                    "acc_norm_stderr": binom_stderr(pn, n) if norm else None}
+                secs[i] += time.perf_counter() - t0
+                _segment_sparsity(ctx, method == "dense", segs[i])
+            r["tasks"] = tasks_out
+            r["avg_acc"] = float(np.mean([v["acc"] for v in tasks_out.values()])) if tasks_out else None
             if method == "dense":
-                row["realised_sparsity"] = 0.0
-                row["realised_sparsity_parts"] = {"ffn": 0.0, "attn_q": 0.0, "attn_o": 0.0}
+                r["realised_sparsity"] = 0.0
+                r["realised_sparsity_parts"] = {"ffn": 0.0, "attn_q": 0.0, "attn_o": 0.0}
             else:
-                row["realised_sparsity_parts"] = _combine(segs)
-                row["realised_sparsity"] = row["realised_sparsity_parts"]["ffn"]
-            row["eval_tokens"] = n_tok
-            row["seconds"] = round(dt, 3)
-            row["tokens_per_s"] = n_tok / dt if dt > 0 else None
-            t_all, n_all = t_all + dt, n_all + n_tok
-            results.append(row)
-            log(f"{label}: {n_tok} tokens in {dt:.1f} s ({n_tok / max(dt, 1e-9):.1f} tok/s)")
+                r["realised_sparsity_parts"] = _combine(segs[i])
+                r["realised_sparsity"] = r["realised_sparsity_parts"]["ffn"]
+            r["eval_tokens"] = n_tok[i]
+            r["seconds"] = round(secs[i], 3)
+            r["tokens_per_s"] = n_tok[i] / secs[i] if secs[i] > 0 else None
+            log(f"{labels[i]}: {n_tok[i]} tokens in {secs[i]:.1f} s ({n_tok[i] / max(secs[i], 1e-9):.1f} tok/s)")
         bar.close()
+        t_all, n_all = sum(secs), sum(n_tok)
     finally:
         ctx.close()
         model.close()
@@ -402,10 +434,27 @@ def evaluate(path: str, opt: Options, log: Callable[[str], None] = lambda s: Non
               "ppl_file": ppl_file, "ppl_tokens_cap": opt.ppl_tokens, "ppl_windows": len(texts[0][2]) if texts else 0,
               "ppl_texts": [{"name": lb, "file": f, "windows": len(ws)} for lb, f, ws in texts],
               "tasks": opt.tasks, "limit": opt.limit, "seed": SEED, "threads": ctx.n_threads,
-              "task_max_len": TASK_CTX}
-    return {"results": results, "config": config,
-            "throughput": {"eval_tokens": n_all, "seconds": round(t_all, 3),
+              "task_max_len": TASK_CTX, "kld": opt.kld}
+    out = {"results": results, "config": config}
+    if opt.kld:
+        out["kld_pairs"] = kld_pairs(results)
+    return {**out, "throughput": {"eval_tokens": n_all, "seconds": round(t_all, 3),
                            "tokens_per_s": n_all / t_all if t_all > 0 else None}}
+
+
+def kld_pairs(results: list[dict]) -> list[dict]:
+    """Paired differences of mean KLD between the methods at each level, per text (a - b: a positive
+    difference means a is further from dense)."""
+    out = []
+    rows = [r for r in results if "kld_texts" in r]
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            if a["level"] != b["level"]:
+                continue
+            for name in a["kld_texts"]:
+                out.append({"text": name, "a": row_label(a), "b": row_label(b),
+                            **paired(a["kld_texts"][name], b["kld_texts"][name])})
+    return out
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -457,6 +506,28 @@ def markdown_table(res: dict, metric: str = "acc") -> str:
     return "\n".join(lines)
 
 
+def _ci_txt(v: Optional[list], spec: str, scale: float = 1.0) -> str:
+    return "" if v is None else f" [{format(v[0] * scale, spec)}, {format(v[1] * scale, spec)}]"
+
+
+def kld_table(res: dict) -> str:
+    """Each sparse row's divergence from dense per text: mean KLD with its 95% interval (bootstrap over
+    windows), median, 99th percentile, and the share of tokens whose top token is dense's; then the
+    paired differences between methods at the same level."""
+    head = ["method", "level", "text", "mean KLD [95% CI]", "median", "p99", "same top % [95% CI]"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in res["results"]:
+        for name, k in (r.get("kld_texts") or {}).items():
+            lines.append(f"| {r['method']} | {r['level']:g} | {name} | {k['mean']:.4f}{_ci_txt(k['mean_ci95'], '.4f')} "
+                         f"| {k['median']:.4f} | {k['p99']:.3f} | "
+                         f"{100 * k['same_top']:.1f}{_ci_txt(k['same_top_ci95'], '.1f', 100)} |")
+    pairs = res.get("kld_pairs") or []
+    if pairs:
+        lines += ["", "Paired differences of mean KLD (same windows; an interval that excludes 0 is a real difference):", ""]
+        lines += [f"- {p['a']} - {p['b']} ({p['text']}): {p['diff']:+.4f}{_ci_txt(p['ci95'], '+.4f')}" for p in pairs]
+    return "\n".join(lines)
+
+
 def summary_lines(res: dict) -> list[str]:
     c, tp = res["config"], res["throughput"]
     out = []
@@ -487,6 +558,9 @@ def markdown_report(res: dict) -> str:
     parts = [f"# CHESS evaluation: {Path(c['model']).name}", "", markdown_table(res, "acc"), ""]
     if c["tasks"] and any(t in ACC_NORM_TASKS for t in c["tasks"]):
         parts += ["acc_norm (length-normalised, where lm-eval reports it):", "", markdown_table(res, "acc_norm"), ""]
+    if any("kld_texts" in r for r in res["results"]):
+        parts += ["KL divergence of each sparse row's next-token distributions from the dense row's:", "",
+                  kld_table(res), ""]
     parts += [f"- {s}" for s in summary_lines(res)]
     parts += ["", "Realised sparsity per part (FFN, W_q input, W_o input):", ""]
     for r in res["results"]:
@@ -504,21 +578,22 @@ def write_plots(res: dict, out: Path) -> list[Path]:
     dense = next((r for r in rows if r["method"] == "dense"), None)
     written = []
     for key, ylabel, fname in (("ppl", "perplexity", "ppl_vs_sparsity.png"),
-                               ("avg_acc", "average accuracy (%)", "acc_vs_sparsity.png")):
-        if not any(r[key] is not None for r in rows):
+                               ("avg_acc", "average accuracy (%)", "acc_vs_sparsity.png"),
+                               ("kld", "mean KL divergence from dense", "kld_vs_sparsity.png")):
+        if not any(r.get(key) is not None for r in rows):
             continue
         scale = 100.0 if key == "avg_acc" else 1.0
         fig, ax = plt.subplots(figsize=(6, 4.2))
         for m in METHODS:
             pts = sorted((r["realised_sparsity"], r[key] * scale, f"{r['level']:g}") for r in rows
-                         if r["method"] == m and r[key] is not None and r["realised_sparsity"] is not None)
+                         if r["method"] == m and r.get(key) is not None and r["realised_sparsity"] is not None)
             if not pts:
                 continue
             xs, ys, lv = zip(*pts)
             ax.plot(xs, ys, marker="o", label=m)
             for x, y, s in pts:
                 ax.annotate(s, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        if dense is not None and dense[key] is not None:
+        if dense is not None and dense.get(key) is not None:
             ax.axhline(dense[key] * scale, color="gray", linestyle="--", linewidth=1)
             ax.plot([0.0], [dense[key] * scale], marker="s", color="black", linestyle="none", label="dense")
         ax.set_xlabel("realised FFN sparsity")

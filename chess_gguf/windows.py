@@ -56,8 +56,8 @@ def log_softmax_at(logits: np.ndarray, targets: Sequence[int]) -> np.ndarray:
     return picked - lse
 
 
-def window_nll(ctx: Context, w: list[int]) -> tuple[float, int]:
-    """(sum of NLL over the scored second half, number of scored tokens) of one window."""
+def window_logits(ctx: Context, w: list[int]) -> np.ndarray:
+    """Logits of a perplexity window's scored rows: positions n/2 .. n-2, predicting w[n/2+1:]."""
     first = len(w) // 2
     ctx.clear()
     if first >= FA_TILE_ROWS:  # both halves take ggml's fp32 attention path, as one batch would
@@ -65,5 +65,11 @@ def window_nll(ctx: Context, w: list[int]) -> tuple[float, int]:
         logits = ctx.decode(w[first:], pos0=first, logits="all")  # rows for positions first .. n-1
     else:
         logits = ctx.decode(w, pos0=0, logits="all")[first:]
-    lp = log_softmax_at(logits[:-1], w[first + 1:])
+    return logits[:-1]
+
+
+def window_nll(ctx: Context, w: list[int], logits: Optional[np.ndarray] = None) -> tuple[float, int]:
+    """(sum of NLL over the scored second half, number of scored tokens) of one window (from its
+    window_logits when the caller has them)."""
+    lp = log_softmax_at(window_logits(ctx, w) if logits is None else logits, w[len(w) // 2 + 1:])
     return float(-lp.sum()), len(lp)

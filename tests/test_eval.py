@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from chess_gguf import evaluate as E
+from chess_gguf import kld as K
 from chess_gguf import windows as W
 from chess_gguf.data import TASKS, default_eval_path, load_task
 from chess_gguf.runtime import Context, Model
@@ -60,6 +61,80 @@ def test_perplexity_matches_llama_perplexity(chess_model, short_text):
     assert rows[0]["ppl"] == pytest.approx(ref_dense, rel=5e-3)
     assert rows[1]["ppl"] == pytest.approx(ref_sparse, rel=5e-3)
     assert rows[1]["ppl"] > rows[0]["ppl"]
+
+
+def _llama_kld(model, text, ctx, chunks, tmp_path):
+    """llama-perplexity's own KL divergence of chess 0.5 (masks on every token) from the same file dense."""
+    base = tmp_path / "base.kld"
+    common = [str(BIN / "llama-perplexity"), "-m", str(model), "-c", str(ctx), "-t", "1",
+              "--kl-divergence-base", str(base)]
+    r = subprocess.run(common + ["-f", str(text), "--chunks", str(chunks)], capture_output=True, text=True,
+                       env={**os.environ, "CHESS_LEVEL": "off"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run(common + ["--kl-divergence"], capture_output=True, text=True,
+                       env={**os.environ, "CHESS_LEVEL": "0.5", "CHESS_METHOD": "chess", "CHESS_PREFILL": "masked"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout + r.stderr
+    got = {k: float(re.search(pat, out).group(1)) for k, pat in
+           (("mean", r"Mean +KLD: +([0-9.]+)"), ("median", r"Median +KLD: +([0-9.]+)"),
+            ("same_top", r"Same top p: +([0-9.]+)"))}
+    got["same_top"] /= 100
+    return got
+
+
+def test_kld_matches_llama_perplexity(chess_model, short_text, tmp_path):
+    """eval --kld on the same windows agrees with llama-perplexity --kl-divergence (which stores the base
+    log-probabilities in 16 bits) on the mean and median KLD and the top-token agreement; and --kld leaves
+    every perplexity exactly as without it."""
+    ctx, chunks = 128, 4
+    args = ["eval", chess_model, "--ppl", short_text, "--ctx", ctx, "--ppl-tokens", ctx * chunks, "--tasks", "none",
+            "--levels", "off,0.5", "--methods", "chess", "--json", "--threads", "1", "-q"]
+    r = run_cli(*args, "--kld")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    dense, row = res["results"]
+    k = row["kld_texts"]["wiki_head"]
+    ref = _llama_kld(chess_model, short_text, ctx, chunks, tmp_path)
+    print("eval --kld", {x: k[x] for x in ref}, "llama-perplexity", ref)
+    assert dense["kld"] == 0.0 and row["kld"] == k["mean"] > 0
+    assert k["tokens"] == chunks * (ctx - ctx // 2 - 1) and len(k["windows"]) == chunks
+    assert k["mean"] == pytest.approx(ref["mean"], rel=0.01)
+    assert k["median"] == pytest.approx(ref["median"], rel=0.02)
+    assert abs(k["same_top"] - ref["same_top"]) < 0.01
+    lo, hi = k["mean_ci95"]
+    assert lo < k["mean"] < hi and k["median"] < k["p99"] <= k["max"]
+    plain = json.loads(run_cli(*args).stdout)["results"]
+    assert [x["ppl"] for x in plain] == [dense["ppl"], row["ppl"]]
+    assert plain[1]["realised_sparsity_parts"] == row["realised_sparsity_parts"]
+
+
+def test_kld_math():
+    """token_kld against float64 by hand; the summary's mean is the token mean; paired differences are
+    exact for a shifted row and their interval is far narrower than either row's own."""
+    rng = np.random.default_rng(1)
+    p = rng.normal(size=(70, 3001)).astype(np.float32) * 4
+    q = p + rng.normal(size=p.shape).astype(np.float32) * 0.3
+    q[5] = p[5]
+    q[6, np.argmax(p[6])] -= 50  # the top token moves
+    kl, same = K.token_kld(p, q)
+    lp = p - np.log(np.exp(p.astype(np.float64)).sum(1, keepdims=True))
+    lq = q - np.log(np.exp(q.astype(np.float64)).sum(1, keepdims=True))
+    np.testing.assert_allclose(kl, (np.exp(lp) * (lp - lq)).sum(1), rtol=1e-4, atol=1e-6)
+    assert abs(kl[5]) < 1e-6 and same[5] and not same[6]
+    assert same.mean() == (p.argmax(1) == q.argmax(1)).mean()
+    wins = [rng.gamma(1.0, 0.05 * (1 + w), size=40) for w in range(12)]  # windows of unequal difficulty
+    a = K.summary(wins, [np.ones(40, bool)] * 12)
+    b = K.summary([w + 0.002 for w in wins], [np.zeros(40, bool)] * 12)
+    assert a["mean"] == pytest.approx(np.concatenate(wins).mean()) and a["same_top"] == 1 and b["same_top"] == 0
+    d = K.paired(b, a)
+    assert d["diff"] == pytest.approx(0.002) and d["ci95"] == pytest.approx([0.002, 0.002])
+    noisy = K.summary([w + rng.normal(0.002, 0.001, size=40) for w in wins], [np.ones(40, bool)] * 12)
+    d = K.paired(noisy, a)
+    lo, hi = d["ci95"]
+    assert 0 < lo < d["diff"] < hi and abs(d["diff"] - 0.002) < 5e-4
+    assert hi - lo < 0.1 * (a["mean_ci95"][1] - a["mean_ci95"][0])
+    with pytest.raises(ValueError, match="different windows"):
+        K.paired(a, K.summary(wins[:3], [np.ones(40, bool)] * 3))
 
 
 def test_encode_pair_moves_context_whitespace(chess_model):
@@ -155,7 +230,7 @@ def test_json_shape_and_out_dir(chess_model, short_text, tmp_path):
     out = tmp_path / "ev"
     r = run_cli("eval", chess_model, "--levels", "off,0.5", "--methods", "cats,chess", "--tasks",
                 "arc_easy,winogrande", "--limit", "2", "--ppl", short_text, "--ctx", "128", "--ppl-tokens", "256",
-                "--json", "--threads", "1", "--out", out)
+                "--json", "--threads", "1", "--out", out, "--kld")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     rows = res["results"]
@@ -178,7 +253,12 @@ def test_json_shape_and_out_dir(chess_model, short_text, tmp_path):
     md = (out / "results.md").read_text()
     assert "| method | level | arc_easy | winogrande | avg acc | ppl | realised sparsity |" in md
     assert "±" in md and "tokens/s" in md
-    for png in ("ppl_vs_sparsity.png", "acc_vs_sparsity.png"):
+    assert "| method | level | text | mean KLD [95% CI] | median | p99 | same top % [95% CI] |" in md
+    (pair,) = res["kld_pairs"]
+    assert (pair["a"], pair["b"], pair["text"]) == ("cats 0.5", "chess 0.5", "wiki_head")
+    assert pair["diff"] == pytest.approx(rows[1]["kld"] - rows[2]["kld"])
+    assert "- cats 0.5 - chess 0.5 (wiki_head): " in md
+    for png in ("ppl_vs_sparsity.png", "acc_vs_sparsity.png", "kld_vs_sparsity.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -202,6 +282,7 @@ def test_tasks_none_and_ppl_none(chess_model, short_text):
     (["--methods", "teal"], 2, "unknown method 'teal'"),
     (["--levels", "0.55", "--tasks", "none"], 1, "'0.55' is not a level stored"),
     (["--ppl", "none", "--tasks", "none"], 1, "nothing to evaluate"),
+    (["--kld", "--levels", "0.5", "--tasks", "none"], 1, "--kld compares each sparse row with the dense row"),
 ])
 def test_errors(chess_model, args, code, needle):
     r = run_cli("eval", chess_model, *args, "--threads", "1", "-q")

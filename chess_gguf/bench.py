@@ -390,6 +390,7 @@ def _summarise(path: str, info: dict, runs: dict, methods: Sequence[str], base: 
                "realised_sparsity_per_layer": per_layer,
                "sparse_tokens": max(r["counted"]),
                "ideal_speedup": ideal_speedup(info["tensors"], sparse_method, per_layer, info.get("fixed")),
+               "weight_bytes_per_token": decode_bytes(info["tensors"], sparse_method, per_layer, info.get("fixed")),
                "decode_speedup": d / own_dec, "prefill_speedup": p / own_pre}
         if base is not None:
             res["decode_vs_original"] = d / base["decode_tps"]
@@ -432,19 +433,21 @@ def print_table(res: dict, out=None) -> None:
             if vs:
                 line += f" ({f['peak_rss_vs_original']:.3f}x original)"
         w(line)
-        w(f"  {'method':<10} {'level':>5}  {'decode t/s':>10} {'speedup':>8} {'ideal':>6}  {'prompt t/s':>10} "
+        w(f"  {'method':<10} {'level':>5}  {'decode t/s':>10} {'speedup':>8} {'ideal':>6} {'MB/tok':>7}  {'prompt t/s':>10} "
           f"{'speedup':>8}  {'sparsity ffn':>12} {'q':>5} {'o':>5}" + ("  vs original: decode  prompt" if vs else ""))
         for r in f["results"]:
             s = r["realised_sparsity"]
             lv = r["level"] if r["level"] == "off" else f"{r['level']:g}"
             line = (f"  {r['method']:<10} {lv:>5}  {r['decode_tps']:>10.1f} {r['decode_speedup']:>7.2f}x "
-                    f"{r['ideal_speedup']:>5.2f}x  {r['prefill_tps']:>10.1f} {r['prefill_speedup']:>7.2f}x  "
+                    f"{r['ideal_speedup']:>5.2f}x {r['weight_bytes_per_token'] / 1e6:>7.1f}  {r['prefill_tps']:>10.1f} "
+                    f"{r['prefill_speedup']:>7.2f}x  "
                     f"{s['ffn']:>12.3f} {s['q']:>5.3f} {s['o']:>5.3f}")
             if vs:
                 line += f"  {r['decode_vs_original']:>19.2f}x {r['prefill_vs_original']:>6.2f}x"
             w(line)
     w("speedup: median tok/s / median tok/s of the same file's off (same process). ideal: weight bytes read per "
-      "decoded token, dense / sparse at the realised sparsity." + (" vs original: / the original's dense medians."
+      "decoded token, dense / sparse at the realised sparsity (MB/tok: the sparse bytes, 1e6 bytes)."
+      + (" vs original: / the original's dense medians."
                                                                    if vs else ""))
 
 

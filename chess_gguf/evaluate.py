@@ -50,6 +50,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from .bench import STATS_PART, decode_bytes, read_file
 from .data import DOMAINS, TASKS, default_eval_path, domain_path, load_task, task_path
 from .options import METHODS
 from .runtime import Context, Model
@@ -280,13 +281,14 @@ PARTS = ("ffn", "attn_q", "attn_o")
 
 def _segment_sparsity(ctx: Context, dense: bool, segs: list) -> dict:
     """Realised sparsity of what was decoded since the last counter reset, then reset the counters.
-    Appends (sparse tokens, per-part sparsity) to segs, from which the row's overall figure is combined."""
+    Appends (sparse tokens, per-part sparsity, per-part per-layer sparsity) to segs, from which the
+    row's overall figures are combined."""
     if dense:
         return {"realised_sparsity": 0.0, "realised_sparsity_parts": {k: 0.0 for k in PARTS}}
     st = ctx.chess_stats()
     ctx.chess_stats_reset()
     parts = {k: st[k]["sparsity"] for k in PARTS}
-    segs.append((st["tokens"], parts))
+    segs.append((st["tokens"], parts, {k: st[k]["per_layer"] for k in PARTS}))
     return {"realised_sparsity": parts["ffn"], "realised_sparsity_parts": parts}
 
 
@@ -294,8 +296,23 @@ def _combine(segs: list) -> dict:
     """Token-weighted overall sparsity per part over the row's segments (texts, then tasks)."""
     out = {}
     for k in PARTS:
-        xs = [(n, p[k]) for n, p in segs if p[k] is not None and n > 0]
+        xs = [(n, p[k]) for n, p, _ in segs if p[k] is not None and n > 0]
         out[k] = sum(n * v for n, v in xs) / sum(n for n, _ in xs) if xs else None
+    return out
+
+
+def _combine_layers(segs: list) -> dict:
+    """The same per layer (NaN where a layer counted nothing), keyed as bench.decode_bytes wants."""
+    out = {}
+    for short, k in STATS_PART.items():
+        rows = [(n, np.asarray(pl[k], dtype=np.float64)) for n, _, pl in segs if n > 0]
+        if not rows:
+            out[short] = None
+            continue
+        v = np.stack([x for _, x in rows])
+        w = np.array([n for n, _ in rows], dtype=np.float64)[:, None] * ~np.isnan(v)
+        with np.errstate(invalid="ignore"):
+            out[short] = (np.nansum(v * w, axis=0) / w.sum(axis=0)).tolist()
     return out
 
 
@@ -311,6 +328,7 @@ def evaluate(path: str, opt: Options, log: Callable[[str], None] = lambda s: Non
     for t in opt.tasks:
         task_path(t)  # fail early (with the fix) when the data is missing
     model = Model(path)
+    info = read_file(path, stock_ok=True)  # tensor sizes: the weight bytes each row reads per token
     plan = row_plan(opt.levels, opt.methods)
     if not plan:
         raise ValueError("no rows: give --levels with off and/or a stored level, and at least one method")
@@ -418,9 +436,12 @@ def evaluate(path: str, opt: Options, log: Callable[[str], None] = lambda s: Non
             if method == "dense":
                 r["realised_sparsity"] = 0.0
                 r["realised_sparsity_parts"] = {"ffn": 0.0, "attn_q": 0.0, "attn_o": 0.0}
+                r["weight_bytes_per_token"] = decode_bytes(info["tensors"])
             else:
                 r["realised_sparsity_parts"] = _combine(segs[i])
                 r["realised_sparsity"] = r["realised_sparsity_parts"]["ffn"]
+                r["weight_bytes_per_token"] = decode_bytes(info["tensors"], method, _combine_layers(segs[i]),
+                                                           info.get("fixed"))
             r["eval_tokens"] = n_tok[i]
             r["seconds"] = round(secs[i], 3)
             r["tokens_per_s"] = n_tok[i] / secs[i] if secs[i] > 0 else None
@@ -488,7 +509,7 @@ def markdown_table(res: dict, metric: str = "acc") -> str:
         head.append("avg acc")
     if metric == "acc" and has_ppl:
         head += [f"ppl {n} (sparsity)" for n in names] if multi else ["ppl"]
-    head.append("realised sparsity")
+    head += ["realised sparsity", "weight MB/token"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["method"], f"{r['level']:g}" if r["level"] != "off" else "off"]
@@ -502,6 +523,7 @@ def markdown_table(res: dict, metric: str = "acc") -> str:
             else:
                 cells.append(_fmt(r["ppl"], ".3f"))
         cells.append(_fmt(r["realised_sparsity"], ".3f"))
+        cells.append(_fmt(r["weight_bytes_per_token"] / 1e6, ".1f"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -545,7 +567,8 @@ def summary_lines(res: dict) -> list[str]:
                    + ", ".join(f"{t} {k}" for t, k in n.items())
                    + (f" (seeded subsample, seed {c['seed']})" if c["limit"] else ""))
     out.append("accuracies in percent ± the 95% interval 1.96·sqrt(p(1-p)/n); sparse rows use masks on every "
-               "token; realised sparsity = fraction of FFN channels dropped (runtime counters)")
+               "token; realised sparsity = fraction of FFN channels dropped (runtime counters); weight MB/token = "
+               "weight bytes a decoded token reads at the row's realised per-layer sparsities (bench's ideal)")
     tps = tp["tokens_per_s"]
     out.append(f"evaluation throughput: {tp['eval_tokens']} tokens in {tp['seconds']:.1f} s = "
                f"{_fmt(tps, '.1f')} tokens/s ({c['threads']} threads); per row: "
@@ -577,34 +600,38 @@ def write_plots(res: dict, out: Path) -> list[Path]:
     rows = res["results"]
     dense = next((r for r in rows if r["method"] == "dense"), None)
     written = []
-    for key, ylabel, fname in (("ppl", "perplexity", "ppl_vs_sparsity.png"),
-                               ("avg_acc", "average accuracy (%)", "acc_vs_sparsity.png"),
-                               ("kld", "mean KL divergence from dense", "kld_vs_sparsity.png")):
+    for key, ylabel, stem in (("ppl", "perplexity", "ppl"), ("avg_acc", "average accuracy (%)", "acc"),
+                              ("kld", "mean KL divergence from dense", "kld")):
         if not any(r.get(key) is not None for r in rows):
             continue
         scale = 100.0 if key == "avg_acc" else 1.0
-        fig, ax = plt.subplots(figsize=(6, 4.2))
-        for m in METHODS:
-            pts = sorted((r["realised_sparsity"], r[key] * scale, f"{r['level']:g}") for r in rows
-                         if r["method"] == m and r.get(key) is not None and r["realised_sparsity"] is not None)
-            if not pts:
-                continue
-            xs, ys, lv = zip(*pts)
-            ax.plot(xs, ys, marker="o", label=m)
-            for x, y, s in pts:
-                ax.annotate(s, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        if dense is not None and dense.get(key) is not None:
-            ax.axhline(dense[key] * scale, color="gray", linestyle="--", linewidth=1)
-            ax.plot([0.0], [dense[key] * scale], marker="s", color="black", linestyle="none", label="dense")
-        ax.set_xlabel("realised FFN sparsity")
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{Path(res['config']['model']).name}: {ylabel} vs sparsity", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=120)
-        plt.close(fig)
-        written.append(out / fname)
+        # against realised FFN sparsity, and against weight bytes per token (the quality-cost frontier)
+        for xkey, xlabel, xscale, suffix, x0 in (
+                ("realised_sparsity", "realised FFN sparsity", 1.0, "sparsity", 0.0),
+                ("weight_bytes_per_token", "weight MB read per decoded token", 1e-6, "bytes",
+                 None if dense is None else dense["weight_bytes_per_token"] * 1e-6)):
+            fig, ax = plt.subplots(figsize=(6, 4.2))
+            for m in METHODS:
+                pts = sorted((r[xkey] * xscale, r[key] * scale, f"{r['level']:g}") for r in rows
+                             if r["method"] == m and r.get(key) is not None and r[xkey] is not None)
+                if not pts:
+                    continue
+                xs, ys, lv = zip(*pts)
+                ax.plot(xs, ys, marker="o", label=m)
+                for x, y, s in pts:
+                    ax.annotate(s, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            if dense is not None and dense.get(key) is not None:
+                ax.axhline(dense[key] * scale, color="gray", linestyle="--", linewidth=1)
+                ax.plot([x0], [dense[key] * scale], marker="s", color="black", linestyle="none", label="dense")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{Path(res['config']['model']).name}: {ylabel} vs {suffix}", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            fig.savefig(out / f"{stem}_vs_{suffix}.png", dpi=120)
+            plt.close(fig)
+            written.append(out / f"{stem}_vs_{suffix}.png")
     return written
 
 

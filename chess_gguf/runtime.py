@@ -186,6 +186,7 @@ int64_t chess_calib_size(const struct chess_calib * c, int il, int what);
 int chess_calib_read(const struct chess_calib * c, int il, int what, void * out, int64_t n);
 int chess_calib_write(struct chess_calib * c, int il, int what, const void * in, int64_t n);
 void chess_calib_release(struct chess_calib * c, int il);
+int64_t chess_calib_stops(const struct chess_calib * c);
 const char * chess_calib_error(const struct chess_calib * c);
 """
 
@@ -413,6 +414,10 @@ class NativeStats:
 
     def error(self) -> str:
         return self._L.ffi.string(self._L.llama.chess_calib_error(self.ptr)).decode()
+
+    def stops(self) -> int:
+        """Decodes whose graph stopped after the last layer's statistics (skipping the output head)."""
+        return int(self._L.llama.chess_calib_stops(self.ptr))
 
     def read(self, il: int, what: int) -> Optional[np.ndarray]:
         """Layer il's totals of `what` (float64 sums, uint32 per-channel counts, int64 pooled counts),

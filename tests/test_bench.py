@@ -219,8 +219,9 @@ def test_ideal_speedup_from_the_file(file_info, bench_json):
     assert len(info["fixed"]) == 90 and all(5 * v == info["tensors"][k] for k, v in info["fixed"].items())
     prev = 1.0
     for r in res["results"][1:]:
-        want = dense / decode_bytes(info["tensors"], "chess", r["realised_sparsity_per_layer"], info["fixed"])
-        assert r["ideal_speedup"] == pytest.approx(want)
+        sparse = decode_bytes(info["tensors"], "chess", r["realised_sparsity_per_layer"], info["fixed"])
+        assert r["ideal_speedup"] == pytest.approx(dense / sparse)
+        assert r["weight_bytes_per_token"] == pytest.approx(sparse)
         assert r["ideal_speedup"] > prev  # fewer bytes at the higher level (arithmetic, not timing)
         prev = r["ideal_speedup"]
 
@@ -229,7 +230,7 @@ def test_table(bench_json):
     out = io.StringIO()
     print_table(bench_json[0], out)
     text = out.getvalue()
-    assert "decode t/s" in text and "ideal" in text
+    assert "decode t/s" in text and "ideal" in text and "MB/tok" in text
     assert any(line.split()[:2] == ["chess", "0.7"] for line in text.splitlines())
 
 

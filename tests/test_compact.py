@@ -14,6 +14,7 @@ import pytest
 from conftest import _convert
 from gguf import GGMLQuantizationType as QT, GGUFReader
 
+from chess_gguf.kld import token_kld
 from chess_gguf.runtime import Context, Model
 
 PROMPT = "The history of the Roman Empire begins with the founding of the city, when"
@@ -144,11 +145,7 @@ def test_masked_batch_near_dual(smol_chess, smol_compact):
             m.close()
 
     def kl(p, q):
-        lp = p.astype(np.float64) - p.max(1, keepdims=True)
-        lq = q.astype(np.float64) - q.max(1, keepdims=True)
-        lp -= np.log(np.exp(lp).sum(1, keepdims=True))
-        lq -= np.log(np.exp(lq).sum(1, keepdims=True))
-        return float((np.exp(lp) * (lp - lq)).sum(1).mean())
+        return float(token_kld(p, q)[0].mean())
 
     k, k_dense = kl(out["dual"], out["compact"]), kl(out["dual"], out["dense"])
     print(f"KL(dual || compact) {k:.4f}, KL(dual || dense) {k_dense:.4f}")

@@ -246,19 +246,27 @@ def test_json_shape_and_out_dir(chess_model, short_text, tmp_path):
     assert rows[0]["realised_sparsity"] == 0.0
     for row in rows[1:]:
         assert 0.4 < row["realised_sparsity"] < 0.6
+    # weight bytes per token: bench's ideal at the realised sparsities; chess also saves on W_q/W_o
+    from chess_gguf.bench import decode_bytes, read_file
+    info = read_file(chess_model)
+    assert rows[0]["weight_bytes_per_token"] == decode_bytes(info["tensors"])
+    assert rows[0]["weight_bytes_per_token"] > rows[1]["weight_bytes_per_token"] > rows[2]["weight_bytes_per_token"]
+    s = rows[1]["realised_sparsity"]
+    assert rows[1]["weight_bytes_per_token"] == pytest.approx(
+        decode_bytes(info["tensors"], "cats", {"ffn": s}, info["fixed"]), rel=0.01)
     assert rows[1]["realised_sparsity_parts"]["attn_q"] is None  # CATS thresholds the FFN only
     assert rows[2]["realised_sparsity_parts"]["attn_q"] > 0.3
     assert res["throughput"]["tokens_per_s"] > 0
     assert json.loads((out / "results.json").read_text())["results"] == rows
     md = (out / "results.md").read_text()
-    assert "| method | level | arc_easy | winogrande | avg acc | ppl | realised sparsity |" in md
+    assert "| method | level | arc_easy | winogrande | avg acc | ppl | realised sparsity | weight MB/token |" in md
     assert "±" in md and "tokens/s" in md
     assert "| method | level | text | mean KLD [95% CI] | median | p99 | same top % [95% CI] |" in md
     (pair,) = res["kld_pairs"]
     assert (pair["a"], pair["b"], pair["text"]) == ("cats 0.5", "chess 0.5", "wiki_head")
     assert pair["diff"] == pytest.approx(rows[1]["kld"] - rows[2]["kld"])
     assert "- cats 0.5 - chess 0.5 (wiki_head): " in md
-    for png in ("ppl_vs_sparsity.png", "acc_vs_sparsity.png", "kld_vs_sparsity.png"):
+    for png in [f"{k}_vs_{x}.png" for k in ("ppl", "acc", "kld") for x in ("sparsity", "bytes")]:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -267,7 +275,7 @@ def test_tasks_none_and_ppl_none(chess_model, short_text):
                 "--ppl-tokens", "256", "--threads", "1", "-q")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0] == "| method | level | ppl | realised sparsity |" and lines[2].startswith("| dense | off | ")
+    assert lines[0] == "| method | level | ppl | realised sparsity | weight MB/token |" and lines[2].startswith("| dense | off | ")
     assert "tokens/s" in r.stdout
     r = run_cli("eval", chess_model, "--levels", "0.5", "--methods", "chess-ffn", "--ppl", "none", "--tasks",
                 "boolq", "--limit", "2", "--json", "--threads", "1", "-q")
@@ -321,6 +329,6 @@ def test_several_perplexity_texts(chess_model, short_text, tmp_path):
     sp = [t["realised_sparsity"] for t in sparse["ppl_texts"].values()]
     assert min(sp) <= sparse["realised_sparsity"] <= max(sp)  # the row's figure combines the texts
     md = (out / "results.md").read_text()
-    assert "| method | level | ppl wiki_head (sparsity) | ppl books_head (sparsity) | realised sparsity |" in md
+    assert "| method | level | ppl wiki_head (sparsity) | ppl books_head (sparsity) | realised sparsity | weight MB/token |" in md
     r = run_cli("eval", chess_model, "--levels", "off", "--tasks", "none", "--ppl", "wiki,nosuchfile.txt", "-q")
     assert r.returncode == 1 and "nosuchfile.txt" in r.stderr

@@ -4,6 +4,7 @@ import pytest
 
 from chess_gguf.data import default_eval_path
 from chess_gguf.inspect import read_chess
+from chess_gguf.kld import token_kld
 from chess_gguf.runtime import Context, Model, RuntimeError_, Sampler, generate
 from conftest import run_cli
 
@@ -14,16 +15,10 @@ def _eval_tokens(model, n):
     return model.tokenize(default_eval_path().read_text()[: n * 8], add_special=True)[:n]
 
 
-def _logsoftmax(x):
-    x = x.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
 def agreement(a, b):
     """(top-1 agreement, mean KL(b || a)) of two logit arrays [T, vocab]."""
-    la, lb = _logsoftmax(a), _logsoftmax(b)
-    return float((a.argmax(-1) == b.argmax(-1)).mean()), float((np.exp(lb) * (lb - la)).sum(-1).mean())
+    kl, same = token_kld(b, a)
+    return float(same.mean()), float(kl.mean())
 
 
 def test_controls_and_defaults(smol_chess):
@@ -142,8 +137,7 @@ def test_masked_gemm_batch_near_sparse_decode(smol_chess, method):
         dec = np.stack([c.decode([t], logits="last") for t in toks])
 
     def kl(p, q):
-        lp, lq = _logsoftmax(p), _logsoftmax(q)
-        return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+        return float(token_kld(p, q)[0].mean())
 
     assert st["tokens"] == len(toks) and abs(st["ffn"]["sparsity"] - 0.5) < 0.05, st
     if method == "chess":

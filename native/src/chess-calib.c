@@ -35,6 +35,7 @@ struct chess_calib {
     size_t copy_n;
     char err[256];
     unsigned last_seen;   // kinds of the last layer counted in this graph (bit per K_*)
+    int64_t stops;        // graphs stopped after the last layer's statistics
 };
 
 // ---- float math with a fixed rounding sequence (no libm: the same bits everywhere) ----
@@ -345,6 +346,7 @@ bool chess_calib_eval(struct ggml_tensor * t, bool ask, void * user_data) {
         c->last_seen |= 1u << kind | (kind == K_UP && c->fused_up ? 1u << K_GATE : 0u);
         if (c->last_seen == (1u << K_GATE | 1u << K_UP | 1u << K_Q | 1u << K_O)) {
             c->last_seen = 0;
+            c->stops++;
             return false;
         }
     }
@@ -434,6 +436,10 @@ int chess_calib_read(const struct chess_calib * c, int il, int what, void * out,
         memcpy(out, L->pool[what - CHESS_CALIB_HIST_CATS], n * sizeof(int64_t));
     }
     return 0;
+}
+
+int64_t chess_calib_stops(const struct chess_calib * c) {
+    return c->stops;
 }
 
 const char * chess_calib_error(const struct chess_calib * c) {

@@ -58,6 +58,9 @@ CHESS_CALIB_API int chess_calib_write(struct chess_calib * c, int il, int what, 
 // Frees layer il's totals (its sizes become 0): a caller that has read them frees the largest
 // arrays one layer at a time instead of holding two copies of all of them.
 CHESS_CALIB_API void chess_calib_release(struct chess_calib * c, int il);
+// Graphs stopped early (after the last layer's statistics, before the output head): one per decode
+// when the early stop works; tests check it, since a lost stop costs time but no statistic.
+CHESS_CALIB_API int64_t chess_calib_stops(const struct chess_calib * c);
 // Why the last eval failed ("" if none did; the stop after the last layer is not a failure).
 CHESS_CALIB_API const char * chess_calib_error(const struct chess_calib * c);
 

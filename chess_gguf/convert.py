@@ -62,7 +62,7 @@ class Options:
     levels: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7)
     default_level: float = 0.5
     calib_files: Sequence[str] = ()
-    calib_tokens: int = 65536
+    calib_tokens: int = 16384
     ctx: int = 512
     threads: Optional[int] = None
     stat: str = "mean-abs"

@@ -109,6 +109,7 @@ def main(argv=None) -> int:
     out = {"file": a.file, "head": hname, "head_mb": head_bytes / 1e6, "text": str(text), "rows": []}
     print(f"{a.file}: head {hname} {tuple(wh.shape)} {head_bytes / 1e6:.1f} MB; {len(dense)} scored tokens of {text.name}")
     err = float(np.abs(h_dense @ wh.T - dense).max())
+    out["check_max_diff"], out["logit_max"] = err, float(np.abs(dense).max())
     print(f"check: numpy head vs runtime logits, max |diff| {err:.3f} (runtime rounds h to Q8_0)")
     if a.requant:
         wq = q8_0_roundtrip(np.ascontiguousarray(wh.T)).T

@@ -364,7 +364,7 @@ struct chess_calib * chess_calib_new(int n_layer, int act, bool fused_up, bool n
         return NULL;
     }
     *c = (struct chess_calib) {n_layer, act, hist_bins, fine_bins, n_threads < CC_MAX_THREADS ? n_threads : CC_MAX_THREADS, 0,
-                               fused_up, no_attn_norm, log_lo, width_hist, width_fine, NULL, NULL, NULL, 0, "", 0};
+                               fused_up, no_attn_norm, log_lo, width_hist, width_fine, NULL, NULL, NULL, 0, "", 0, 0};
     c->layers = calloc(n_layer, sizeof *c->layers);
     c->scratch = calloc((size_t) c->n_threads * fine_bins, sizeof(uint32_t));
     if (c->layers == NULL || c->scratch == NULL) {

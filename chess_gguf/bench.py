@@ -38,9 +38,9 @@ from pathlib import Path
 from .options import METHODS, PREFILLS, arg, parse_levels, parse_methods, positive_int
 
 # Which parts each method sparsifies (names of the realised-sparsity dict).
-SPARSE_PARTS = {"chess": ("ffn", "q", "o"), "chess-ffn": ("ffn",), "cats": ("ffn",)}
+SPARSE_PARTS = {"chess": ("ffn", "q", "o", "head"), "chess-ffn": ("ffn",), "cats": ("ffn",)}
 # realised-sparsity name -> Context.chess_stats() name
-STATS_PART = {"ffn": "ffn", "q": "attn_q", "o": "attn_o"}
+STATS_PART = {"ffn": "ffn", "q": "attn_q", "o": "attn_o", "head": "head"}
 PREFIX_TOKENS = 8
 DENSE = "dense"  # the method name of the `off` run (one dense run serves every method)
 KERNEL_BIN = "chess-bench-kernels"
@@ -69,25 +69,29 @@ def decode_bytes(tensors: Mapping[str, int], method: str | None = None,
 
     tensors: name -> n_bytes of every tensor in the file. Dense (method None): every original
     per-layer tensor (attention q/k/v/o, FFN gate/up/down, biases, norms), the global tensors
-    (output norm, ...) and the output head: output.weight, or token_embd.weight when the head is
-    tied; token_embd.weight is not counted when a separate output.weight exists (decoding reads
-    one of its rows). Sparse (method chess, chess-ffn or cats): in a layer that has the CHESS copy,
+    (output norm, ...) and the output head (format.head_weight); token_embd.weight is not counted
+    when a separate output.weight exists (decoding reads one of its rows). Sparse (method chess,
+    chess-ffn or cats): in a layer that has the CHESS copy,
     ffn_up counts n_bytes*(1-s_ffn), ffn_down is replaced by chess_wt_down*(1-s_ffn), and for chess
     attn_q by chess_wt_q*(1-s_q) and attn_output by chess_wt_o*(1-s_o); a fused gate+up ffn_up (no
-    ffn_gate) counts its gate half densely. sparsity: {"ffn", "q", "o"}
-    -> a fraction or a per-layer list of fractions (NaN/None = that layer runs dense). fixed: bytes of a
+    ffn_gate) counts its gate half densely; for chess, a file with a CHESS head reads its copy
+    output.chess_wt*(1-s_head) when s_head > 0 (else the head itself, densely). sparsity: {"ffn", "q",
+    "o", "head"} -> a fraction or a per-layer list of fractions (the head: one entry; NaN/None = that
+    layer runs dense). fixed: bytes of a
     copy read whatever the sparsity (an x4 copy's affine pairs: 4 of its 20 bytes per 32 weights)."""
-    from .format import SPARSE_READS
+    from .format import HEAD_THR, HEAD_WT, SPARSE_READS, head_weight, is_chess_tensor
     if method is not None and method not in SPARSE_PARTS:
         raise ValueError(f"unknown method {method!r} (expected one of {', '.join(METHODS)})")
     parts = SPARSE_PARTS[method] if method else ()
+    head = head_weight(tensors)
+    s_head = _part_sparsity(sparsity, "head", 0) if "head" in parts and HEAD_THR in tensors else 0.0
     total = 0.0
     for name, nb in tensors.items():
         m = _BLK.match(name)
         if m is None:
-            if name == "token_embd.weight" and "output.weight" in tensors:
-                continue
-            total += nb
+            if is_chess_tensor(name) or (name == "token_embd.weight" and name != head):
+                continue  # the head's copy is counted in place of the head
+            total += tensors[HEAD_WT] * (1.0 - s_head) if name == head and s_head > 0 else nb
             continue
         il, kind = int(m.group(1)), m.group(2)
         if kind.startswith("chess_"):
@@ -277,7 +281,7 @@ def run(paths: str | os.PathLike | Sequence[str | os.PathLike], *, original: str
     methods = list(methods)
     threads = threads or os.cpu_count() or 1
     configs = [(fi, m, lv) for fi, (_, info) in enumerate(entries) for m, lv in _configs(info, levels, methods)]
-    runs = {c: {k: [] for k in ("decode", "prefill", "ffn", "q", "o", "layers", "counted")} for c in configs}
+    runs = {c: {k: [] for k in ("decode", "prefill", "layers", "counted", *SPARSE_PARTS["chess"])} for c in configs}
     n_tok = max(PREFIX_TOKENS + decode_tokens, prompt_tokens)
     need = max(512, PREFIX_TOKENS + decode_tokens, prompt_tokens)
     n_ctx = -(-need // 256) * 256
@@ -434,14 +438,14 @@ def print_table(res: dict, out=None) -> None:
                 line += f" ({f['peak_rss_vs_original']:.3f}x original)"
         w(line)
         w(f"  {'method':<10} {'level':>5}  {'decode t/s':>10} {'speedup':>8} {'ideal':>6} {'MB/tok':>7}  {'prompt t/s':>10} "
-          f"{'speedup':>8}  {'sparsity ffn':>12} {'q':>5} {'o':>5}" + ("  vs original: decode  prompt" if vs else ""))
+          f"{'speedup':>8}  {'sparsity ffn':>12} {'q':>5} {'o':>5} {'head':>5}" + ("  vs original: decode  prompt" if vs else ""))
         for r in f["results"]:
             s = r["realised_sparsity"]
             lv = r["level"] if r["level"] == "off" else f"{r['level']:g}"
             line = (f"  {r['method']:<10} {lv:>5}  {r['decode_tps']:>10.1f} {r['decode_speedup']:>7.2f}x "
                     f"{r['ideal_speedup']:>5.2f}x {r['weight_bytes_per_token'] / 1e6:>7.1f}  {r['prefill_tps']:>10.1f} "
                     f"{r['prefill_speedup']:>7.2f}x  "
-                    f"{s['ffn']:>12.3f} {s['q']:>5.3f} {s['o']:>5.3f}")
+                    f"{s['ffn']:>12.3f} {s['q']:>5.3f} {s['o']:>5.3f} {s['head']:>5.3f}")
             if vs:
                 line += f"  {r['decode_vs_original']:>19.2f}x {r['prefill_vs_original']:>6.2f}x"
             w(line)

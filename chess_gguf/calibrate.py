@@ -1,10 +1,12 @@
 """Calibration: run text through the real (quantized) model and gather CHESS statistics.
 
 One pass through the patched runtime with an eval callback on four graph nodes per layer:
-  ffn_gate-N (gate before activation), ffn_up-N, attn_norm-N (W_q input), kqv_out-N (W_o input).
+  ffn_gate-N (gate before activation), ffn_up-N, attn_norm-N (W_q input), kqv_out-N (W_o input),
+and on result_norm (the output head's input, once per model).
 Per layer we keep, over ALL calibration tokens:
   - running sums of |u_i| and u_i^2 (the per-channel statistic m_i);
-  - log-spaced histograms of |act(g_i)| per channel, and of |W_q input| and |W_o input| per layer,
+  - log-spaced histograms of |act(g_i)| per channel, of |W_q input| and |W_o input| per layer, and
+    of the head's input |h| (CalibStats.hist_head),
     from which thresholds.py takes the quantiles (tests/test_convert.py checks them against exact
     quantiles on all rows: within 0.5 percentage points of realised sparsity).
 Optionally (keep_rows > 0, for tests) an evenly strided subsample of the raw rows; with
@@ -48,9 +50,11 @@ NODE_RE = re.compile(r"^(ffn_gate|ffn_up|attn_norm|kqv_out|ffn_inp|l_out)-(\d+)$
 
 
 def node_of(name: str, arch: str) -> Optional[tuple[str, int]]:
-    """(statistic, layer) a graph node feeds for `arch`, or None."""
+    """(statistic, layer) a graph node feeds for `arch`, or None; the head's input is layer -1."""
     if arch in NO_ATTN_NORM and name == "embd":
         return "attn_norm", 0
+    if name == "result_norm":
+        return "result_norm", -1
     m = NODE_RE.match(name)
     if m is None:
         return None
@@ -81,6 +85,8 @@ class CalibStats:
     n_tokens: int = 0
     n_rows: int = 0
     layers: list[LayerStats] = field(default_factory=list)
+    hist_head: np.ndarray = field(default_factory=lambda: np.zeros(FINE_BINS, np.int64))  # |h| at the head
+    head_rows: Optional[np.ndarray] = None  # keep_rows > 0: |h| [rows, n_embd] f32
 
 
 SUPPORTED = f"supported: dense gated-FFN architectures {', '.join(sorted(SUPPORTED_ARCHS))}"
@@ -115,7 +121,7 @@ def _native_layer(ns: NativeStats, il: int) -> LayerStats:
 
 
 # --- checkpoints: the statistics are sums, so a run can stop after any window and resume ----------
-CKPT_FORMAT = "chess-calib-checkpoint-1"
+CKPT_FORMAT = "chess-calib-checkpoint-2"
 _ARRAYS = ("sum_abs_u", "sum_sq_u", "hist_a", "hist_cats", "hist_q", "hist_o", "a", "q", "o", "ga", "u")
 
 
@@ -128,7 +134,8 @@ def checkpoint_key(model: Model, tokens: Sequence[int], **settings) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path: Path, key: str, windows_done: int, layers: Iterable[LayerStats]) -> None:
+def save_checkpoint(path: Path, key: str, windows_done: int, layers: Iterable[LayerStats],
+                    hist_head: Optional[np.ndarray] = None) -> None:
     """Atomically (a hidden temporary file renamed over the old one). The file is what np.savez writes
     (np.load reads it), written one layer at a time: `layers` may be a generator reading them."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -147,14 +154,16 @@ def save_checkpoint(path: Path, key: str, windows_done: int, layers: Iterable[La
                     if v is not None:
                         put(z, f"{il}.{f}", v)
                 put(z, f"{il}.sum_r2", np.array(L.sum_r2))
+            if hist_head is not None:
+                put(z, "head.hist_head", hist_head)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def load_checkpoint(path: Path, key: str, n_layer: int) -> Optional[tuple[int, list[LayerStats]]]:
-    """(windows done, statistics) of a checkpoint made with `key`; None if there is none or it was made
-    from other inputs; RuntimeError_ if it is damaged."""
+def load_checkpoint(path: Path, key: str, n_layer: int) -> Optional[tuple[int, list[LayerStats], np.ndarray]]:
+    """(windows done, statistics, head histogram) of a checkpoint made with `key`; None if there is none
+    or it was made from other inputs; RuntimeError_ if it is damaged."""
     if not path.exists():
         return None
     try:
@@ -171,7 +180,8 @@ def load_checkpoint(path: Path, key: str, n_layer: int) -> Optional[tuple[int, l
                         setattr(L, f, z[f"{il}.{f}"])
                 L.sum_r2 = float(z[f"{il}.sum_r2"])
                 layers.append(L)
-            return int(z["windows"]), layers
+            head = z["head.hist_head"] if "head.hist_head" in z else np.zeros(FINE_BINS, np.int64)
+            return int(z["windows"]), layers, head
     except Exception as e:  # truncated, not a zip, missing arrays, bad values
         raise RuntimeError_(f"{path}: damaged calibration checkpoint ({type(e).__name__}: {e}); "
                             "delete it to start afresh") from None
@@ -216,6 +226,14 @@ def calibrate(model: Model, tokens: Sequence[int], *, ctx: int = 512, threads: O
         if il >= n_layer:  # the last layer's output
             return
         x = x[cur["skip"]:]  # drop the BOS row
+        if kind_ == "result_norm":
+            ax = np.abs(x)
+            st.hist_head += np.bincount(hist_index(ax, FINE_BINS).ravel(), minlength=FINE_BINS)
+            if n_rows:
+                if st.head_rows is None:
+                    st.head_rows = np.zeros((n_rows, ax.shape[1]), np.float32)
+                st.head_rows[cur["row0"]:cur["row0"] + len(cur["keep"])] = ax[cur["keep"]]
+            return
         if kind_ == "ffn_up" and arch in FUSED_UP:
             n = x.shape[1] // 2
             take("ffn_gate", il, x[:, :n])
@@ -268,7 +286,7 @@ def calibrate(model: Model, tokens: Sequence[int], *, ctx: int = 512, threads: O
     if checkpoint is not None:
         got = load_checkpoint(checkpoint, key, n_layer)
         if got is not None:
-            done, st.layers = got
+            done, st.layers, st.hist_head = got
         elif checkpoint.exists():
             print(f"note: {checkpoint} was made from other inputs: starting afresh", file=sys.stderr)
     if progress:
@@ -286,6 +304,8 @@ def calibrate(model: Model, tokens: Sequence[int], *, ctx: int = 512, threads: O
                 v = getattr(L, f)
                 if v is not None and v.size and (f != "hist_a" or v.shape[0]):
                     ns.write(il, what, v)
+        if st.hist_head.any():
+            ns.write(-1, NativeStats.HIST_HEAD, st.hist_head)
         hooks = {"native_stats": ns}
     else:
         hooks = {"eval_callback": (wants, on_node)}
@@ -301,10 +321,16 @@ def calibrate(model: Model, tokens: Sequence[int], *, ctx: int = 512, threads: O
             ns.release(il)
         return out
 
+    def head() -> np.ndarray:
+        if ns is None:
+            return st.hist_head
+        v = ns.read(-1, NativeStats.HIST_HEAD)
+        return np.zeros(FINE_BINS, np.int64) if v is None else v
+
     def save(n: int, stats: Iterable[LayerStats]) -> None:
         nonlocal checkpoint
         try:
-            save_checkpoint(checkpoint, key, n, stats)
+            save_checkpoint(checkpoint, key, n, stats, head())
         except OSError as e:  # a full disk: go on without (the statistics are still in memory)
             print(f"note: {checkpoint}: cannot save the calibration checkpoint ({e.strerror or e}): "
                   "going on without", file=sys.stderr)
@@ -331,6 +357,7 @@ def calibrate(model: Model, tokens: Sequence[int], *, ctx: int = 512, threads: O
                 if checkpoint is not None and i + 1 < len(windows) and time.monotonic() - last >= checkpoint_every:
                     save(i + 1, layers())
                     last = time.monotonic()
+        st.hist_head = head()
         st.layers = final_layers()
         if checkpoint is not None:
             save(len(windows), st.layers)

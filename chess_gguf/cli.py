@@ -71,7 +71,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     opt = Options(levels=args.levels, default_level=args.default_level, calib_files=args.calib or (),
                   calib_tokens=args.calib_tokens, ctx=args.ctx, threads=args.threads, stat=args.stat,
-                  rule=args.rule, budget=args.budget == "ffn-layer", attention=not args.no_attention, force=args.force, wt_type=args.wt_type, layout=args.layout,
+                  rule=args.rule, budget=args.budget == "ffn-layer", attention=not args.no_attention, force=args.force, wt_type=args.wt_type, layout=args.layout, head=args.head,
                   progress=not args.quiet, checkpoint_every=args.checkpoint_every)
     print_summary(convert(args.model, args.output, opt))
     return 0
@@ -137,7 +137,7 @@ def cmd_libdir(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .bench import add_arguments as bench_arguments  # standard library only at import
-    from .options import LAYOUTS, METHODS, PREFILLS, arg, at_least, parse_floats, parse_levels, parse_seconds, parse_methods, parse_tasks, \
+    from .options import LAYOUTS, METHODS, PREFILLS, arg, at_least, parse_floats, parse_head, parse_levels, parse_seconds, parse_methods, parse_tasks, \
         positive_int
 
     ap = argparse.ArgumentParser(prog="python -m chess_gguf",
@@ -203,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(fastest prompt processing, +~25%% file size); compact: replace the originals by "
                         "the transposed copies (file and memory about the input's size; prompts run through "
                         "a re-transposed Q8_0 copy per layer)")
+    c.add_argument("--head", type=arg(parse_head), default=None, metavar="off|S[,S...]",
+                   help="input sparsity of the output head, one for every level or one per --levels entry (0 = "
+                        "dense at that level): adds a Q8_0 transposed copy of the head (output.weight or the "
+                        "tied embedding) and a threshold on |h| per level; used by method chess "
+                        "(default off: the head stays dense; docs/results.md measures 0.3)")
     c.add_argument("--checkpoint-every", type=arg(parse_seconds), default=300.0, metavar="SECONDS",
                    help="save the calibration statistics to OUT.calib-partial this often (default 300; 0 = after "
                         "every window) and when calibration ends; the same command run again resumes from it; "

@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType as QT, GGUFValueType as VT
 
 from . import __version__
 from . import format as fmt, gguf_io, x4
+from .errors import RuntimeError_
 from .calibrate import SUPPORTED, SUPPORTED_ARCHS, CalibStats, activation_of, calibrate
 from .options import LAYOUTS
 from .runtime import Context, Model, quantize_rows
@@ -74,6 +75,7 @@ class Options:
     force: bool = False
     wt_type: Optional[str] = None  # None/"x4": x4 where it fits; "requant": the type rule; or a ggml type
     layout: str = "dual"
+    head: Optional[Sequence[float]] = None  # output head sparsity per level (one value: every level); None: dense head
     progress: bool = True
     checkpoint_every: float = 300.0  # seconds between saves of the statistics (OUT.calib-partial)
 
@@ -306,6 +308,39 @@ def transposed_tensors(reader, n_layer: int, wt_type: Optional[QT], progress: bo
     return out
 
 
+def head_sparsities(head: Optional[Sequence[float]], levels: Sequence[float]) -> Optional[list[float]]:
+    """--head: one sparsity per level (a single value applies to every level), each in [0, 1)."""
+    if head is None:
+        return None
+    hs = [float(x) for x in head]
+    if len(hs) == 1:
+        hs = hs * len(levels)
+    if len(hs) != len(levels):
+        raise ValueError(f"--head: {len(hs)} sparsities for {len(levels)} levels (give one, or one per level)")
+    if not all(0.0 <= x < 1.0 for x in hs):
+        raise ValueError(f"--head: sparsities must be in [0, 1), got {[float(x) for x in head]}")
+    return hs
+
+
+def head_thresholds(hist_head: np.ndarray, hs: Sequence[float], path) -> np.ndarray:
+    """One threshold on |h| per level (0 where the sparsity is 0: the head runs dense at that level)."""
+    if not hist_head.any():
+        raise RuntimeError_(f"{path}: calibration saw no result_norm node (the head's input): --head needs it")
+    return np.array([hist_scalar_thresholds(hist_head, [s])[0] if s > 0 else 0.0 for s in hs], dtype=np.float32)
+
+
+def head_copy(reader) -> tuple:
+    """The head's transposed copy [n_embd rows of n_vocab] (format.head_weight)
+    (format.head_weight), in Q8_0 (integer dots in the in kernel; a second rounding of a Q8_0 head
+    costs a KLD of about 0.0007 against dense, docs/results.md) or F16 where n_vocab is not a multiple of 32."""
+    name = fmt.head_weight({t.name for t in reader.tensors})
+    wt = np.ascontiguousarray(fmt.tensor_f32(reader, name).T)  # [n_embd, n_vocab]
+    if wt.shape[1] % 32:
+        return fmt.HEAD_WT, wt.astype(np.float16), None
+    data = np.frombuffer(quantize_rows(wt, int(QT.Q8_0)), dtype=np.uint8).reshape(wt.shape[0], -1)
+    return fmt.HEAD_WT, data, QT.Q8_0
+
+
 def trim_heap() -> None:
     """Give freed heap memory back to the OS (glibc keeps it otherwise: the histograms are many
     arrays of a few MB, below its mmap threshold). A no-op elsewhere."""
@@ -332,6 +367,7 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
         raise ValueError(f"--layout {opt.layout!r}: expected one of {', '.join(LAYOUTS)}")
     if opt.layout == "compact" and not opt.attention:
         raise ValueError("--layout compact needs the attention part (it replaces W_q and W_o too): drop --no-attention")
+    hs = head_sparsities(opt.head, levels)
     if gguf_io.field_value(reader, "chess.version") is not None and not opt.force:
         raise ValueError(f"{inp_p}: already a CHESS file (use --force to convert it again)")
     check_paths(inp_p, out_p, opt.force)
@@ -383,6 +419,8 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
     # The statistics are done with: keep each candidate's realised sparsity, free the histograms
     # (n_ff x 768 counts per layer, 1.4 GB on an 8B model) before the copies are made.
     sps = {r: calib_sparsity(st, thr, levels) for r, thr in cands.items()}
+    head_thr = head_thresholds(st.hist_head, hs, inp_p) if hs else None
+    head_sp = [hist_fraction_below(st.hist_head, t) if t > 0 else 0.0 for t in head_thr] if hs else None
     n_tokens, st = st.n_tokens, None
     gc.collect()
     trim_heap()
@@ -403,6 +441,8 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
                 drop.add(orig)
                 renamed.append((orig, data, qt))
             wts = renamed
+        if head_thr is not None:  # the head keeps its original (prompts, and levels where it is dense)
+            wts.append(head_copy(reader))
         return wts, drop
 
     wts, drop = copies(reader)
@@ -421,11 +461,14 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
         "chess.tool_version": (f"chess_gguf {__version__}", VT.STRING, None),
         "chess.layout": (opt.layout, VT.STRING, None),
     }
+    if hs:
+        kv["chess.head_sparsity"] = (hs, VT.ARRAY, VT.FLOAT32)  # informational: the runtime reads output.chess_thr
     # Written once: with several candidate rules, the output is written (to a hidden file beside it)
     # with the first one's thresholds, the candidates are scored on it in place, and the winner's
     # thresholds and name are patched in before it is renamed into place.
     scores, rule = None, kv["chess.rule"][0]
-    tensors = threshold_tensors(cands[rule], opt.attention, no_q)
+    head_t = [(fmt.HEAD_THR, head_thr, None)] if head_thr is not None else []
+    tensors = threshold_tensors(cands[rule], opt.attention, no_q) + head_t
     if len(cands) == 1:
         write_with_extras(reader, out_p, kv, tensors + wts, progress=opt.progress, drop=drop)
     else:
@@ -453,7 +496,7 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
                 if rule != kv["chess.rule"][0] and not patch_string(tmp, "chess.rule", rule):
                     kv["chess.rule"] = (rule, VT.STRING, None)  # the header would move the data: write again
                     wts, drop = copies(reader)
-                    write_with_extras(reader, tmp, kv, threshold_tensors(cands[rule], opt.attention, no_q) + wts,
+                    write_with_extras(reader, tmp, kv, threshold_tensors(cands[rule], opt.attention, no_q) + head_t + wts,
                                       progress=opt.progress, drop=drop, named=out_p)
                 os.replace(tmp, out_p)
             finally:
@@ -464,7 +507,7 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
     return {
         "output": str(out_p), "arch": arch, "rule": rule, "rule_scores": scores, "budget": bool(opt.budget), "levels": levels, "layout": opt.layout, "n_tokens": n_tokens,
         "seconds": time.perf_counter() - t0, "calib_seconds": t_calib,
-        "size_in": size_in, "size_out": size_out, "sparsity": sp, "wt_types": wt_types,
+        "size_in": size_in, "size_out": size_out, "sparsity": sp, "wt_types": wt_types, "head_sparsity": head_sp,
     }
 
 
@@ -474,11 +517,12 @@ def print_summary(res: dict, file=sys.stdout) -> None:
     p(f"wrote {res['output']} ({res['arch']}, rule {res['rule']}{' + per-layer budget' if res.get('budget') else ''}, {res['layout']} layout, {res['n_tokens']} calibration tokens, "
       f"transposed copies: {', '.join(res['wt_types'])})")
     p("realised sparsity on the calibration text (mean over layers [min..max]):")
-    p(f"  {'level':>5}  {'chess ffn':>18}  {'cats ffn':>18}  {'attn q':>18}  {'attn o':>18}")
+    head = res.get("head_sparsity")
+    p(f"  {'level':>5}  {'chess ffn':>18}  {'cats ffn':>18}  {'attn q':>18}  {'attn o':>18}" + ("    head" if head else ""))
     for k, lv in enumerate(res["levels"]):
         cells = [f"{sp[n][k].mean():.3f} [{sp[n][k].min():.2f}..{sp[n][k].max():.2f}]"
                  for n in ("chess", "cats", "attn_q", "attn_o")]
-        p(f"  {lv:>5.2f}  " + "  ".join(f"{c:>18}" for c in cells))
+        p(f"  {lv:>5.2f}  " + "  ".join(f"{c:>18}" for c in cells) + (f"  {head[k]:>6.3f}" if head else ""))
     over = res["size_out"] / res["size_in"] - 1
     p(f"time {res['seconds']:.1f} s (calibration {res['calib_seconds']:.1f} s); "
       f"size {res['size_in'] / 1e6:.1f} MB -> {res['size_out'] / 1e6:.1f} MB (+{100 * over:.1f}%)")

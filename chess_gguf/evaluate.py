@@ -276,7 +276,7 @@ class _Progress:
             self.bar.close()
 
 
-PARTS = ("ffn", "attn_q", "attn_o")
+PARTS = ("ffn", "attn_q", "attn_o", "head")
 
 
 def _segment_sparsity(ctx: Context, dense: bool, segs: list) -> dict:

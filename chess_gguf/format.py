@@ -37,6 +37,16 @@ SPARSE_READS = {
 }
 # transposed copy -> the original it stands for ("ffn_down.weight", ...)
 TRANSPOSED_OF = {copy: orig for orig, (_, _, copy) in SPARSE_READS.items() if copy}
+# The output head's CHESS part (one per model): thresholds on |h| f32 [n_levels] (0 at a level = the
+# head runs dense there) and the transposed copy [n_vocab, n_embd] of the head it reads instead.
+HEAD_THR, HEAD_WT = "output.chess_thr", "output.chess_wt"
+HEAD_TENSORS = (HEAD_THR, HEAD_WT)
+
+
+def head_weight(names) -> str:
+    """The tensor the output head multiplies by: output.weight, else the tied token embedding
+    (llama.cpp's rule; a decoded token then reads all of it, where the embedding lookup reads a row)."""
+    return "output.weight" if "output.weight" in names else "token_embd.weight"
 # types without a dot product in ggml's CPU backend: the sparse kernels cannot read such a copy
 WT_UNSUPPORTED = {GGMLQuantizationType.I8, GGMLQuantizationType.I16, GGMLQuantizationType.I32,
                   GGMLQuantizationType.I64, GGMLQuantizationType.F64}
@@ -50,7 +60,7 @@ def is_chess_tensor(name: str) -> bool:
 
 def is_transposed_weight(name: str) -> bool:
     """A transposed copy, or an original that the compact layout stores transposed."""
-    return CHESS_TENSOR_MARK + "wt_" in name or name.endswith(tuple(TRANSPOSED_OF.values()))
+    return CHESS_TENSOR_MARK + "wt_" in name or name == HEAD_WT or name.endswith(tuple(TRANSPOSED_OF.values()))
 
 
 def tensor_f32(reader: GGUFReader, name: str) -> np.ndarray:
@@ -96,7 +106,7 @@ def _int_or_list(reader: GGUFReader, key: str, path) -> Any:
 def check_chess(reader: GGUFReader, path: str | os.PathLike) -> dict:
     """Validate a CHESS file the way the patched loader does, and more: raises ValueError naming the
     file and the offending key or tensor, else returns {"levels", "default_level", "n_layer", "layout",
-    "tensors": {(layer, kind): ReaderTensor}}.
+    "tensors": {(layer, kind): ReaderTensor}, "head": {HEAD_THR/HEAD_WT: ReaderTensor} or {}}.
 
     Checked: chess.version (uint32 1), chess.levels (1..64 float32, strictly increasing, inside (0, 1)),
     chess.default_level (a float32 among the levels), chess.layout (absent, "dual" or "compact": then
@@ -105,7 +115,9 @@ def check_chess(reader: GGUFReader, path: str | os.PathLike) -> dict:
     the model's hyperparameters and the number of levels), type (f32 thresholds; transposed copies of
     a type the kernels support, whose block size divides their rows) and threshold values (not NaN,
     >= 0; +inf only in chess_ffn_tau, where it marks a channel that is never kept); each part of a
-    layer (CHESS_PARTS) complete or absent (absent: it runs dense); and that tensor data is packed in
+    layer (CHESS_PARTS) complete or absent (absent: it runs dense); the head's part (HEAD_TENSORS:
+    f32 thresholds finite and >= 0, a non-x4 copy of the head's transposed shape) complete or absent;
+    and that tensor data is packed in
     order at aligned offsets, as llama.cpp's gguf loader requires.
     """
     chess_names = [t.name for t in reader.tensors if is_chess_tensor(t.name)]
@@ -208,13 +220,19 @@ def check_chess(reader: GGUFReader, path: str | os.PathLike) -> dict:
             raise ValueError(f"{path}: {t.name}: duplicated")
         tensors[(il, kind)] = t
 
+    head: dict[str, Any] = {}
     for t in reader.tensors:
         if not is_chess_tensor(t.name):
+            continue
+        if t.name in HEAD_TENSORS:
+            if t.name in head:
+                raise ValueError(f"{path}: {t.name}: duplicated")
+            head[t.name] = t
             continue
         m = CHESS_TENSOR_RE.match(t.name)
         if not m or m.group(2) not in THRESHOLD_KINDS + WT_KINDS:
             raise ValueError(f"{path}: {t.name}: unknown CHESS tensor (expected blk.N.<one of "
-                             f"{', '.join(THRESHOLD_KINDS + WT_KINDS)}>)")
+                             f"{', '.join(THRESHOLD_KINDS + WT_KINDS)}> or {' or '.join(HEAD_TENSORS)})")
         il, kind = int(m.group(1)), m.group(2)
         if il >= n_layer:
             raise ValueError(f"{path}: {t.name}: layer {il} out of range (the model has {n_layer})")
@@ -235,6 +253,9 @@ def check_chess(reader: GGUFReader, path: str | os.PathLike) -> dict:
                 raise ValueError(f"{path}: blk.{il}: incomplete CHESS {part} tensors: {', '.join(missing)} missing "
                                  f"(a part is all or nothing)")
 
+    if head:
+        _check_head(reader, head, levels.size, path)
+
     # llama.cpp's gguf loader wants every tensor's data exactly where the previous one ends (padded)
     align, pos = int(reader.alignment), 0
     for t in reader.tensors:
@@ -242,7 +263,37 @@ def check_chess(reader: GGUFReader, path: str | os.PathLike) -> dict:
         if rel != pos:
             raise ValueError(f"{path}: {t.name}: data at offset {rel}, expected {pos} (tensors must be packed in order)")
         pos += -(-int(t.n_bytes) // align) * align
-    return {"levels": levels, "default_level": default, "n_layer": n_layer, "layout": layout, "tensors": tensors}
+    return {"levels": levels, "default_level": default, "n_layer": n_layer, "layout": layout, "tensors": tensors,
+            "head": head}
+
+
+def _check_head(reader: GGUFReader, head: dict, n_levels: int, path) -> None:
+    missing = [n for n in HEAD_TENSORS if n not in head]
+    if missing:
+        raise ValueError(f"{path}: incomplete CHESS head tensors: {', '.join(missing)} missing (a part is all or nothing)")
+    by_name = {t.name: t for t in reader.tensors}
+    w = by_name.get(head_weight(by_name))
+    if w is None:
+        raise ValueError(f"{path}: {HEAD_WT}: the file has no output.weight or token_embd.weight to stand for")
+    thr, wt = head[HEAD_THR], head[HEAD_WT]
+    if thr.tensor_type != GGMLQuantizationType.F32:
+        raise ValueError(f"{path}: {HEAD_THR}: CHESS thresholds must be f32, not {thr.tensor_type.name.lower()}")
+    if [int(x) for x in thr.shape] != [n_levels]:
+        raise ValueError(f"{path}: {HEAD_THR}: shape {[int(x) for x in thr.shape]}, expected [{n_levels}]")
+    v = np.asarray(thr.data, dtype=np.float32)
+    if not np.all(np.isfinite(v) & (v >= 0)):
+        k = int(np.argwhere(~(np.isfinite(v) & (v >= 0)))[0][0])
+        raise ValueError(f"{path}: {HEAD_THR}: invalid threshold {float(v[k])} at level {k} (must be finite and >= 0)")
+    want = [int(w.shape[1]), int(w.shape[0])]  # [n_vocab, n_embd]: row i holds input channel i
+    if [int(x) for x in wt.shape] != want:
+        raise ValueError(f"{path}: {HEAD_WT}: shape {[int(x) for x in wt.shape]}, expected {want} "
+                         f"(the transposed {w.name})")
+    if wt.tensor_type in WT_UNSUPPORTED:
+        raise ValueError(f"{path}: {HEAD_WT}: type {wt.tensor_type.name.lower()} is not supported by the CHESS kernels")
+    block = GGML_QUANT_SIZES[wt.tensor_type][0]
+    if want[0] % block:
+        raise ValueError(f"{path}: {HEAD_WT}: rows of {want[0]} are not a multiple of the "
+                         f"{wt.tensor_type.name} block size {block}")
 
 
 def read_chess(path: str | os.PathLike) -> dict:

@@ -68,6 +68,14 @@ def parse_floats(s: str) -> list[float]:
         raise ValueError(f"expected comma-separated numbers, got {s!r}") from None
 
 
+def parse_head(s: str):
+    """convert's --head: off (the head stays dense), or sparsities of the output head's input, one
+    for every level or one per level (checked by convert)."""
+    if s.strip().lower() == "off":
+        return None
+    return parse_floats(s)
+
+
 def parse_seconds(s: str) -> float:
     """A duration in seconds, >= 0 (convert's --checkpoint-every)."""
     try:

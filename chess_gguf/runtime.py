@@ -174,6 +174,7 @@ const char * llama_chess_method(const struct llama_context * ctx);
 float llama_chess_current_level(const struct llama_context * ctx);
 int32_t llama_chess_prefill_masked(const struct llama_context * ctx);
 int32_t llama_chess_stats(const struct llama_context * ctx, uint64_t * n_tokens, uint64_t * kept, uint64_t * total, int32_t n);
+int32_t llama_chess_head_stats(const struct llama_context * ctx, uint64_t * kept, uint64_t * total);
 void llama_chess_stats_reset(struct llama_context * ctx);
 
 struct chess_calib;
@@ -241,7 +242,8 @@ class _Lib:
 
     def last_error(self) -> str:
         errs = [line.strip() for line in self.log_lines if "error" in line.lower() or "failed" in line.lower()]
-        return errs[-1] if errs else ""
+        why = [e for e in errs if "error loading model:" in e]  # the loader's reason, before its summary
+        return (why or errs)[-1] if errs else ""
 
 
 _lib: Optional[_Lib] = None
@@ -391,7 +393,7 @@ EvalFn = Callable[[str, np.ndarray], None]
 class NativeStats:
     """Calibration statistics gathered in C inside the eval callback (native/src/chess-calib.h);
     calibrate.py turns them into its CalibStats. Pass it to Context(native_stats=...)."""
-    SUM_ABS_U, SUM_SQ_U, HIST_A, HIST_CATS, HIST_Q, HIST_O = range(6)
+    SUM_ABS_U, SUM_SQ_U, HIST_A, HIST_CATS, HIST_Q, HIST_O, HIST_HEAD = range(7)  # HIST_HEAD: layer -1
 
     def __init__(self, model: "Model", *, act: int, fused_up: bool, no_attn_norm: bool, hist_bins: int,
                  fine_bins: int, log_lo: float, width_hist: float, width_fine: float, threads: int) -> None:
@@ -416,7 +418,7 @@ class NativeStats:
         return self._L.ffi.string(self._L.llama.chess_calib_error(self.ptr)).decode()
 
     def stops(self) -> int:
-        """Decodes whose graph stopped after the last layer's statistics (skipping the output head)."""
+        """Decodes whose graph stopped after the head input's statistics (skipping the output head)."""
         return int(self._L.llama.chess_calib_stops(self.ptr))
 
     def read(self, il: int, what: int) -> Optional[np.ndarray]:
@@ -561,7 +563,8 @@ class Context:
         return bool(self._L.llama.llama_chess_prefill_masked(self.ptr))
 
     def chess_stats(self) -> dict:
-        """Counters since the last reset: sparse tokens, and kept/total per layer for ffn, attn_q, attn_o."""
+        """Counters since the last reset: sparse tokens, and kept/total per layer for ffn, attn_q, attn_o,
+        and for the output head ("head", one entry in per_layer; sparsity None when it ran dense)."""
         L, ffi = self._L, self._L.ffi
         n = 3 * self.model.n_layer
         tok = ffi.new("uint64_t *")
@@ -575,6 +578,10 @@ class Context:
                 per_layer = np.where(t[:, j] > 0, 1.0 - k[:, j] / np.maximum(t[:, j], 1), np.nan)
             out[part] = {"sparsity": float(1.0 - k[:, j].sum() / t[:, j].sum()) if t[:, j].sum() else None,
                          "per_layer": per_layer.tolist()}
+        hk, ht = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        L.llama.llama_chess_head_stats(self.ptr, hk, ht)
+        s = 1.0 - hk[0] / ht[0] if ht[0] else None
+        out["head"] = {"sparsity": s, "per_layer": [float("nan") if s is None else s]}
         return out
 
     def chess_stats_reset(self) -> None:

@@ -37,11 +37,6 @@ from chess_gguf.gguf_io import read  # noqa: E402
 CTX = 512
 
 
-def head_name(reader) -> str:
-    names = {t.name for t in reader.tensors}
-    return "output.weight" if "output.weight" in names else "token_embd.weight"
-
-
 def run_windows(model, text: Path, n: int, threads: int, method=None, level=None):
     """(scored logits, the head inputs of the same rows, realised sparsities, targets) of n perplexity windows."""
     rows: list[np.ndarray] = []
@@ -92,7 +87,9 @@ def main(argv=None) -> int:
     reader = read(a.file)
     info = bench.read_file(a.file)
     tensors = info["tensors"]
-    hname = head_name(reader)
+    if fmt.HEAD_THR in tensors:
+        sys.exit(f"{a.file}: has a CHESS head already (the study applies its own to a file without one)")
+    hname = fmt.head_weight(tensors)
     wh = fmt.tensor_f32(reader, hname)  # [vocab, n_embd]
     colnorm = np.linalg.norm(wh, axis=0)
     score = (lambda h: np.abs(h) * colnorm) if a.score == "colnorm" else np.abs

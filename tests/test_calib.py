@@ -31,7 +31,15 @@ def _agree(a, b, tol):
             u, v = getattr(x, k), getattr(y, k)
             assert u.shape == v.shape and u.sum() == v.sum() > 0, (il, k)
             worst = max(worst, np.abs(u - v).sum() / u.sum())
+    u, v = a.hist_head, b.hist_head  # the head's input (result_norm): every token once
+    assert u.sum() == v.sum() == a.n_tokens * nat_width(a, b), "hist_head"
+    worst = max(worst, np.abs(u - v).sum() / u.sum())
     assert worst <= tol, worst
+
+
+def nat_width(a, b):
+    """n_embd: the W_q input (attn_norm) and the head input (result_norm) have the same width."""
+    return int(a.layers[0].hist_q.sum() // a.n_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +71,8 @@ def test_native_thresholds_realise_the_exact_quantiles(smol_stats):
                "cats": (a, T.hist_scalar_thresholds(L.hist_cats, LEVELS), None),
                "attn_q": (R.q.astype(np.float32), T.hist_scalar_thresholds(L.hist_q, LEVELS), None),
                "attn_o": (R.o.astype(np.float32), T.hist_scalar_thresholds(L.hist_o, LEVELS), None)}
+        if il == 0:  # the head's input: thresholds from its histogram against the exact quantiles
+            got["head"] = (ref.head_rows, T.hist_scalar_thresholds(nat.hist_head, LEVELS), None)
         for part, (x, thr, ex) in got.items():
             for k, s in enumerate(LEVELS):
                 want = ex[k] if ex else T.realised_sparsity(x, T.scalar_thresholds(x, [s])[0])
@@ -78,6 +88,7 @@ def test_thread_count_does_not_change_a_count(smol_path):
     runs = [calibrate(model, toks, ctx=256, threads=2, stats_threads=n, progress=False) for n in (1, 2, 3)]
     model.close()
     for st in runs[1:]:
+        assert np.array_equal(runs[0].hist_head, st.hist_head)
         for x, y in zip(runs[0].layers, st.layers):
             for k in ("sum_abs_u", "sum_sq_u") + HISTS:
                 assert np.array_equal(getattr(x, k), getattr(y, k)), k
@@ -104,7 +115,7 @@ def _windows(model, toks, ctx):
 
 
 def test_every_decode_stops_before_the_output_head(smol, stops):
-    """The early stop (chess_calib_eval returns false after the last layer's four nodes) happens on every
+    """The early stop (chess_calib_eval returns false after result_norm, the head's input) happens on every
     window: losing it costs 20-30% of calibration's time and no statistic, so only this test sees it."""
     toks = _tokens(smol, 1000)
     calibrate(smol, toks, ctx=256, threads=2, progress=False)
@@ -119,7 +130,7 @@ def test_native_refuses_kept_rows(smol):
 @pytest.mark.parametrize("arch", sorted(CASES))
 def test_every_architecture(arch, tmp_path, stops):
     """The node map of every architecture (gelu: gemma*; gate+up fused: phi3, glm4; W_q fed by the
-    residual stream: olmo2) on a generated model; every decode stops after the last layer."""
+    residual stream: olmo2) on a generated model; every decode stops after the head's input."""
     path = genmodel.generate(arch, tmp_path / f"{arch}.gguf", SHAPE, CASES[arch], seed=1)
     model = Model(path)
     toks = _tokens(model, 600)
@@ -140,6 +151,7 @@ def _same(x, y):
         for f in FIELDS:
             u, v = getattr(a, f), getattr(b, f)
             assert (u is None) == (v is None) and (u is None or np.array_equal(u, v)), (il, f)
+    assert np.array_equal(x.hist_head, y.hist_head) and x.hist_head.sum() == x.n_tokens * nat_width(x, y)
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { K_GATE, K_UP, K_Q, K_O, K_NONE };
+enum { K_GATE, K_UP, K_Q, K_O, K_HEAD, K_NONE };
 #define CC_MAX_THREADS 64
 #define CC_CHUNK 64 // columns whose bins are computed (vectorised) before they are counted
 
@@ -33,9 +33,9 @@ struct chess_calib {
     uint32_t * scratch;   // [n_threads * fine_bins]: each thread's pooled counts of one node
     float * copy;         // a node copied out of a non-host buffer
     size_t copy_n;
+    int64_t * head;       // |h| at the output head [fine_bins] (result_norm)
     char err[256];
-    unsigned last_seen;   // kinds of the last layer counted in this graph (bit per K_*)
-    int64_t stops;        // graphs stopped after the last layer's statistics
+    int64_t stops;        // graphs stopped after result_norm's statistics
 };
 
 // ---- float math with a fixed rounding sequence (no libm: the same bits everywhere) ----
@@ -196,12 +196,12 @@ static bool cc_alloc_ff(struct chess_calib * c, struct cc_layer * L, int64_t n_f
 // counts the columns [off, off + width) of a node's rows as `kind` of layer il
 static bool cc_node(struct chess_calib * c, int kind, int il, const float * x, int64_t rows, int64_t ld,
                     int64_t off, int64_t width, const char * name) {
-    struct cc_layer * L = &c->layers[il];
+    struct cc_layer * L = &c->layers[kind == K_HEAD ? 0 : il];
     if ((kind == K_GATE || kind == K_UP) && !cc_alloc_ff(c, L, width, name)) {
         return false;
     }
-    const int pi = kind == K_GATE ? 0 : kind == K_Q ? 1 : 2;
-    if (kind != K_UP && L->pool[pi] == NULL && (L->pool[pi] = calloc(c->fine_bins, sizeof(int64_t))) == NULL) {
+    int64_t ** pp = kind == K_HEAD ? &c->head : &L->pool[kind == K_GATE ? 0 : kind == K_Q ? 1 : 2];
+    if (kind != K_UP && *pp == NULL && (*pp = calloc(c->fine_bins, sizeof(int64_t))) == NULL) {
         return cc_fail(c, "out of memory", name);
     }
     // threads own column ranges (multiples of 16); a thread's columns are counted in row order
@@ -242,7 +242,7 @@ static bool cc_node(struct chess_calib * c, int kind, int il, const float * x, i
     }
 #endif
     if (kind != K_UP) {
-        int64_t * pool = L->pool[pi];
+        int64_t * pool = *pp;
         for (int t = 0; t < n_jobs; ++t) {
             uint32_t * s = c->scratch + (size_t) t * c->fine_bins;
             for (int b = jobs[t].lo; b <= jobs[t].hi; ++b) {
@@ -262,6 +262,10 @@ static int cc_kind(const struct chess_calib * c, const char * name, int * il) {
     if (c->no_attn_norm && strcmp(name, "embd") == 0) {
         *il = 0;
         return K_Q;
+    }
+    if (strcmp(name, "result_norm") == 0) {
+        *il = -1;
+        return K_HEAD;
     }
     for (size_t i = 0; i < sizeof nodes / sizeof nodes[0]; ++i) {
         const size_t n = strlen(nodes[i].prefix);
@@ -337,18 +341,12 @@ bool chess_calib_eval(struct ggml_tensor * t, bool ask, void * user_data) {
     } else {
         ok = cc_node(c, kind, il, x, n, width, 0, width, t->name);
     }
-    // Once the last layer's four nodes are counted, nothing after them is a statistic: stop the
-    // graph (ggml's scheduler stops when the callback returns false), which skips the output head,
-    // 20-30% of a small model's compute. The logits are then garbage; calibration never reads them.
-    if (il < c->n_layer - 1) {
-        c->last_seen = 0;  // not at the end of a graph yet
-    } else if (ok) {
-        c->last_seen |= 1u << kind | (kind == K_UP && c->fused_up ? 1u << K_GATE : 0u);
-        if (c->last_seen == (1u << K_GATE | 1u << K_UP | 1u << K_Q | 1u << K_O)) {
-            c->last_seen = 0;
-            c->stops++;
-            return false;
-        }
+    // Once the head's input is counted, nothing after it is a statistic: stop the graph (ggml's
+    // scheduler stops when the callback returns false), which skips the output head, 20-30% of a
+    // small model's compute. The logits are then garbage; calibration never reads them.
+    if (ok && kind == K_HEAD) {
+        c->stops++;
+        return false;
     }
     return ok;
 }
@@ -364,7 +362,7 @@ struct chess_calib * chess_calib_new(int n_layer, int act, bool fused_up, bool n
         return NULL;
     }
     *c = (struct chess_calib) {n_layer, act, hist_bins, fine_bins, n_threads < CC_MAX_THREADS ? n_threads : CC_MAX_THREADS, 0,
-                               fused_up, no_attn_norm, log_lo, width_hist, width_fine, NULL, NULL, NULL, 0, "", 0, 0};
+                               fused_up, no_attn_norm, log_lo, width_hist, width_fine, NULL, NULL, NULL, 0, NULL, "", 0};
     c->layers = calloc(n_layer, sizeof *c->layers);
     c->scratch = calloc((size_t) c->n_threads * fine_bins, sizeof(uint32_t));
     if (c->layers == NULL || c->scratch == NULL) {
@@ -397,6 +395,7 @@ void chess_calib_free(struct chess_calib * c) {
         chess_calib_release(c, il);
     }
     free(c->layers);
+    free(c->head);
     free(c->scratch);
     free(c->copy);
     free(c);
@@ -407,6 +406,9 @@ void chess_calib_set_skip(struct chess_calib * c, int rows) {
 }
 
 int64_t chess_calib_size(const struct chess_calib * c, int il, int what) {
+    if (what == CHESS_CALIB_HIST_HEAD) {
+        return il == -1 && c->head ? c->fine_bins : 0;
+    }
     if (il < 0 || il >= c->n_layer) {
         return 0;
     }
@@ -427,9 +429,11 @@ int chess_calib_read(const struct chess_calib * c, int il, int what, void * out,
     if (size == 0 || n != size) {
         return -1;
     }
-    const struct cc_layer * L = &c->layers[il];
+    const struct cc_layer * L = &c->layers[il < 0 ? 0 : il];
     if (what == CHESS_CALIB_SUM_ABS_U || what == CHESS_CALIB_SUM_SQ_U) {
         memcpy(out, what == CHESS_CALIB_SUM_ABS_U ? L->sum_abs_u : L->sum_sq_u, n * sizeof(double));
+    } else if (what == CHESS_CALIB_HIST_HEAD) {
+        memcpy(out, c->head, n * sizeof(int64_t));
     } else if (what == CHESS_CALIB_HIST_A) {
         memcpy(out, L->hist_a, n * sizeof(uint32_t));
     } else {
@@ -447,6 +451,13 @@ const char * chess_calib_error(const struct chess_calib * c) {
 }
 
 int chess_calib_write(struct chess_calib * c, int il, int what, const void * in, int64_t n) {
+    if (what == CHESS_CALIB_HIST_HEAD) {
+        if (il != -1 || n != c->fine_bins || (c->head == NULL && (c->head = calloc(c->fine_bins, sizeof(int64_t))) == NULL)) {
+            return -1;
+        }
+        memcpy(c->head, in, n * sizeof(int64_t));
+        return 0;
+    }
     if (il < 0 || il >= c->n_layer || n <= 0) {
         return -1;
     }

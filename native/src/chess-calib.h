@@ -6,8 +6,9 @@
 //   ffn_up-N    per-channel sums of |u| and u^2 (double, rows in order: bit-identical to numpy's sums)
 //   ffn_gate-N  per-channel log-histograms of |act(g)| (hist_bins) and one pooled histogram (fine_bins)
 //   attn_norm-N, kqv_out-N  pooled log-histograms of |x| (the W_q and W_o inputs)
-// Once it has counted the last layer's nodes it returns false, which stops the graph before the
-// output head: the logits of such a decode are not computed (calibration needs none).
+//   result_norm  pooled log-histogram of |h| (the output head's input; one per model, layer -1)
+// Once it has counted result_norm it returns false, which stops the graph before the output
+// head: the logits of such a decode are not computed (calibration needs none).
 // bin = clip(trunc((log(max(|v|, 1e-30)) - log_lo) / width), 0, bins - 1), as thresholds.hist_index.
 // log and exp are our own polynomials (no libm, no FMA), so the counts are the same on every machine
 // and for every thread count (threads own column ranges; counts are integers).
@@ -36,6 +37,7 @@ enum chess_calib_what {
     CHESS_CALIB_HIST_CATS = 3, // int64 [fine_bins]: |act(g)| pooled over channels
     CHESS_CALIB_HIST_Q    = 4, // int64 [fine_bins]
     CHESS_CALIB_HIST_O    = 5, // int64 [fine_bins]
+    CHESS_CALIB_HIST_HEAD = 6, // int64 [fine_bins]: the head's input, il = -1 (a model-wide statistic)
 };
 
 // act: 0 = SiLU, 1 = GELU (tanh form). fused_up: ffn_up holds gate then up (phi3, glm4).
@@ -58,7 +60,7 @@ CHESS_CALIB_API int chess_calib_write(struct chess_calib * c, int il, int what, 
 // Frees layer il's totals (its sizes become 0): a caller that has read them frees the largest
 // arrays one layer at a time instead of holding two copies of all of them.
 CHESS_CALIB_API void chess_calib_release(struct chess_calib * c, int il);
-// Graphs stopped early (after the last layer's statistics, before the output head): one per decode
+// Graphs stopped early (after result_norm's statistics, before the output head): one per decode
 // when the early stop works; tests check it, since a lost stop costs time but no statistic.
 CHESS_CALIB_API int64_t chess_calib_stops(const struct chess_calib * c);
 // Why the last eval failed ("" if none did; the stop after the last layer is not a failure).

@@ -116,7 +116,7 @@ static std::string check_complete(int il, const char * part, std::initializer_li
         n += t != nullptr;
     }
     if (n != 0 && n != (int) ts.size()) {
-        return "blk." + std::to_string(il) + ": incomplete CHESS " + part + " tensors (" + std::to_string(n) + " of " +
+        return (il < 0 ? std::string("output") : "blk." + std::to_string(il)) + ": incomplete CHESS " + part + " tensors (" + std::to_string(n) + " of " +
                std::to_string(ts.size()) + " present)";
     }
     return "";
@@ -135,5 +135,12 @@ std::string chess_check_layer(const chess_layer & L, int il, const chess_dims & 
     if (L.wt_down)  first(check_weight(L.wt_down, d.n_embd, d.n_ff));
     if (L.wt_q)     first(check_weight(L.wt_q, d.n_q, d.n_embd));
     if (L.wt_o)     first(check_weight(L.wt_o, d.n_embd, d.n_o));
+    return err;
+}
+
+std::string chess_check_head(const chess_head & H, int64_t n_embd, int64_t n_vocab, size_t n_levels, bool values) {
+    std::string err = check_complete(-1, "head (output.chess_thr, output.chess_wt)", {H.thr, H.wt});
+    if (err.empty() && H.thr) err = check_thresholds(H.thr, 0, n_levels, values);
+    if (err.empty() && H.wt)  err = check_weight(H.wt, n_vocab, n_embd);
     return err;
 }

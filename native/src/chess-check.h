@@ -30,3 +30,7 @@ std::string chess_check_meta(const gguf_context * meta, std::vector<float> & lev
 // the transposed copies have a type the kernels support. With `values`, also the thresholds'
 // data (host memory): >= 0 and finite, except +inf in chess_ffn_tau (a channel never kept).
 std::string chess_check_layer(const chess_layer & L, int il, const chess_dims & d, size_t n_levels, bool values);
+
+// The CHESS head (output.chess_thr f32 [n_levels], output.chess_wt [n_vocab, n_embd]: row i holds
+// input channel i of the head): both or neither; with `values`, thresholds finite and >= 0.
+std::string chess_check_head(const chess_head & H, int64_t n_embd, int64_t n_vocab, size_t n_levels, bool values);

@@ -6,8 +6,11 @@
 #include <cstring>
 #include <stdexcept>
 
-chess_state::chess_state(std::vector<float> lv, float def, std::vector<chess_layer> ls)
-    : levels(std::move(lv)), default_level(def), layers(std::move(ls)) {
+chess_state::chess_state(std::vector<float> lv, float def, std::vector<chess_layer> ls, chess_head hd)
+    : levels(std::move(lv)), default_level(def), layers(std::move(ls)), head(hd) {
+    head_params.st = this;
+    head_params.layer = -1;
+    head_params.part = CHESS_PART_HEAD;
     const size_t n = layers.size() * CHESS_N_PARTS;
     kept.reset(new std::atomic<uint64_t>[n]);
     total.reset(new std::atomic<uint64_t>[n]);
@@ -26,7 +29,7 @@ chess_state::chess_state(std::vector<float> lv, float def, std::vector<chess_lay
             level = (int) i;
         }
     }
-    int64_t n_out_max = 0;
+    int64_t n_out_max = head.wt ? chess_wt_n_out(head.wt->type, head.wt->ne[0]) : 0;
     for (const chess_layer & L : layers) {
         for (const ggml_tensor * wt : { L.wt_down, L.wt_q, L.wt_o }) {
             if (wt) {
@@ -44,6 +47,8 @@ void chess_state::reset_stats() {
         total[i] = 0;
     }
     n_tokens = 0;
+    head_kept = 0;
+    head_total = 0;
 }
 
 const char * chess_state::method_name() const {
@@ -125,8 +130,20 @@ bool chess_state::active(int il, chess_part part, int64_t n_tokens) const {
     }
 }
 
+bool chess_state::head_active(int64_t n_tokens) const {
+    if (level < 0 || method != CHESS_METHOD_CHESS || !head.wt || !head.thr || (n_tokens > 1 && !prefill_masked)) {
+        return false;
+    }
+    return ((const float *) head.thr->data)[level] > 0.0f; // host memory (a plain CPU buffer)
+}
+
 static void count(const chess_op_params * p, uint64_t kept, uint64_t total) {
     if (p->part < 0) {
+        return;
+    }
+    if (p->part == CHESS_PART_HEAD) {
+        p->st->head_kept.fetch_add(kept, std::memory_order_relaxed);
+        p->st->head_total.fetch_add(total, std::memory_order_relaxed);
         return;
     }
     const size_t i = (size_t) p->layer * CHESS_N_PARTS + p->part;
@@ -344,26 +361,32 @@ ggml_tensor * chess_build_proj(ggml_context * ctx, chess_state * st, int64_t n_b
     }
     int il = -1;
     chess_part part = CHESS_PART_FFN; // FFN: W_down, only ever matched in the compact layout
-    for (size_t i = 0; i < st->layers.size() && il < 0; ++i) {
+    if (st->head.w == w && st->head.wt) {
+        part = CHESS_PART_HEAD;
+    }
+    for (size_t i = 0; i < st->layers.size() && il < 0 && part != CHESS_PART_HEAD; ++i) {
         const chess_layer & L = st->layers[i];
         if (L.wq == w) { il = (int) i; part = CHESS_PART_Q; }
         if (L.wo == w) { il = (int) i; part = CHESS_PART_O; }
         if (st->compact && L.wt_down == w) { il = (int) i; part = CHESS_PART_FFN; }
     }
-    if (il < 0) {
+    if (il < 0 && part != CHESS_PART_HEAD) {
         return nullptr;
     }
-    const chess_layer & L = st->layers[il];
-    ggml_tensor * wt  = part == CHESS_PART_Q ? L.wt_q  : part == CHESS_PART_O ? L.wt_o : L.wt_down;
-    ggml_tensor * thr = part == CHESS_PART_Q ? L.thr_q : part == CHESS_PART_O ? L.thr_o : nullptr;
-    bool sparse = part != CHESS_PART_FFN && st->active(il, part, n_batch);
-    if (!sparse && !st->compact) {
+    const bool head = part == CHESS_PART_HEAD; // the head's original always exists (also compact)
+    const chess_layer * L = head ? nullptr : &st->layers[il];
+    ggml_tensor * wt  = head ? st->head.wt  : part == CHESS_PART_Q ? L->wt_q  : part == CHESS_PART_O ? L->wt_o : L->wt_down;
+    ggml_tensor * thr = head ? st->head.thr : part == CHESS_PART_Q ? L->thr_q : part == CHESS_PART_O ? L->thr_o : nullptr;
+    bool sparse = head ? st->head_active(n_batch) : part != CHESS_PART_FFN && st->active(il, part, n_batch);
+    const bool compact = st->compact && !head;
+    if (!sparse && !compact) {
         return nullptr;
     }
     if (!wt || !chess_wt_supported(wt->type)) {
-        GGML_ASSERT(!st->compact && "the loader refuses compact files with unsupported types");
+        GGML_ASSERT(!compact && "the loader refuses compact files with unsupported types");
         return nullptr;
     }
+    chess_op_params * params = head ? &st->head_params : op_params(st, il, part); // counts the sparse product
     if (!ggml_is_contiguous(v)) {
         v = ggml_cont(ctx, v);
     }
@@ -372,15 +395,16 @@ ggml_tensor * chess_build_proj(ggml_context * ctx, chess_state * st, int64_t n_b
     }
     const int64_t n_in = chess_wt_n_in(wt->type, wt->ne[1]), n_out = chess_wt_n_out(wt->type, wt->ne[0]);
     GGML_ASSERT(v->ne[0] == n_in);
-    const char * name = part == CHESS_PART_Q ? "attn_q_chess" : part == CHESS_PART_O ? "attn_o_chess" : "ffn_down_chess";
+    const char * name = head ? "output_chess" : part == CHESS_PART_Q ? "attn_q_chess" : part == CHESS_PART_O ? "attn_o_chess"
+                                                                                                 : "ffn_down_chess";
     ggml_tensor * y;
     if (sparse && v->ne[1] > 1 && v->ne[1] >= chess_masked_gemm_min_rows()) { // masked batch: the masked input,
                                                                                // then the dense product
         ggml_tensor * args[2] = { v, ggml_view_1d(ctx, thr, 1, st->level * sizeof(float)) };
         v = ggml_custom_4d(ctx, GGML_TYPE_F32, n_in, v->ne[1], 1, 1, args, 2, chess_mask_in_op,
-                           GGML_N_TASKS_MAX, op_params(st, il, part));
-        cb(v, part == CHESS_PART_Q ? "attn_q_chess_in" : "attn_o_chess_in", il);
-        if (!st->compact) {
+                           GGML_N_TASKS_MAX, params);
+        cb(v, head ? "output_chess_in" : part == CHESS_PART_Q ? "attn_q_chess_in" : "attn_o_chess_in", il);
+        if (!compact) {
             y = ggml_mul_mat(ctx, w, v);
             cb(y, name, il);
             return y;
@@ -390,7 +414,7 @@ ggml_tensor * chess_build_proj(ggml_context * ctx, chess_state * st, int64_t n_b
     if (sparse || v->ne[1] <= chess_compact_in_max_tokens()) {
         ggml_tensor * args[3] = { v, wt, sparse ? ggml_view_1d(ctx, thr, 1, st->level * sizeof(float)) : nullptr };
         y = ggml_custom_4d(ctx, GGML_TYPE_F32, n_out, v->ne[1], 1, 1, args, sparse ? 3 : 2, chess_in_op,
-                           GGML_N_TASKS_MAX, op_params(st, il, sparse ? part : CHESS_N_PARTS)); // dense: uncounted
+                           GGML_N_TASKS_MAX, sparse ? params : op_params(st, il, CHESS_N_PARTS)); // dense: uncounted
     } else {
         const ggml_type dt = chess_retranspose_ok(GGML_TYPE_Q8_0, n_in) ? GGML_TYPE_Q8_0 : GGML_TYPE_F32;
         ggml_tensor * args[1] = { wt };

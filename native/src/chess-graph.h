@@ -15,7 +15,8 @@
 #include <vector>
 
 enum chess_method { CHESS_METHOD_CHESS = 0, CHESS_METHOD_FFN = 1, CHESS_METHOD_CATS = 2 };
-enum chess_part   { CHESS_PART_FFN = 0, CHESS_PART_Q = 1, CHESS_PART_O = 2, CHESS_N_PARTS = 3 };
+enum chess_part   { CHESS_PART_FFN = 0, CHESS_PART_Q = 1, CHESS_PART_O = 2, CHESS_N_PARTS = 3,
+                    CHESS_PART_HEAD = 3 }; // the output head: one per model, counted apart from the layers
 
 // The model's CHESS tensors of one layer (any may be null: that part of the layer runs dense).
 struct chess_layer {
@@ -28,6 +29,15 @@ struct chess_layer {
     ggml_tensor * wt_o     = nullptr; // [n_embd, n_o]
     const ggml_tensor * wq = nullptr; // the original W_q / W_o: chess_build_proj finds a layer by them
     const ggml_tensor * wo = nullptr;
+};
+
+// The model's CHESS output head (absent: the head runs dense): an input-sparse product by a
+// transposed copy of the head (output.weight, or the tied token embedding), one threshold on |h| per
+// level; a level whose threshold is 0 runs the head dense.
+struct chess_head {
+    ggml_tensor * thr = nullptr;     // f32 [n_levels]
+    ggml_tensor * wt  = nullptr;     // [n_vocab, n_embd]
+    const ggml_tensor * w = nullptr; // the model's head (model.output): chess_build_proj matches it
 };
 
 struct chess_state;
@@ -45,6 +55,7 @@ struct chess_state {
     std::vector<float>       levels;
     float                    default_level = 0.0f;
     std::vector<chess_layer> layers;
+    chess_head               head;
 
     int          level   = -1;               // index into levels; -1 = off (dense)
     chess_method method  = CHESS_METHOD_CHESS;
@@ -54,13 +65,15 @@ struct chess_state {
     std::unique_ptr<std::atomic<uint64_t>[]> kept;   // [n_layer * CHESS_N_PARTS]
     std::unique_ptr<std::atomic<uint64_t>[]> total;  // [n_layer * CHESS_N_PARTS]
     std::atomic<uint64_t> n_tokens{0};               // tokens that went through a sparse FFN
+    std::atomic<uint64_t> head_kept{0}, head_total{0}; // inputs of the sparse head
+    chess_op_params       head_params;
     std::vector<chess_op_params> params;             // [n_layer * (CHESS_N_PARTS + 1)]
     // single-token input-sparse products on all threads (chess_in_sparse_mt): the ops of a graph run
     // one after another, so one shared block serves them all
     chess_in_shared    in_shared{};
     std::vector<float> in_part;                      // (CHESS_IN_MAX_PIECES - 1) * the widest n_out
 
-    chess_state(std::vector<float> levels, float default_level, std::vector<chess_layer> layers);
+    chess_state(std::vector<float> levels, float default_level, std::vector<chess_layer> layers, chess_head head = {});
 
     // Parse the user's choices (nullptr = leave unchanged). Returns "" or an error message.
     // method: chess | chess-ffn | cats; level: off | default | one of the stored levels; prefill: dense | masked
@@ -74,6 +87,8 @@ struct chess_state {
 
     // whether a batch of n_tokens goes through the sparse path for this layer/part
     bool active(int il, chess_part part, int64_t n_tokens) const;
+    // whether the head's product of this batch is sparse (method chess, a threshold > 0 at the level)
+    bool head_active(int64_t n_tokens) const;
 };
 
 using chess_name_cb = std::function<void(ggml_tensor *, const char *, int)>; // (tensor, name, layer)
@@ -94,7 +109,7 @@ ggml_tensor * chess_build_ffn(ggml_context * ctx, chess_state * st, int il, int6
 // `w` is some layer's W_q (input = attn_norm output) or W_o (input = kqv_out) and the level is on;
 // with the compact layout also every dense product by a transposed-only W_down/W_q/W_o (the
 // dense in kernel for a few tokens, else a re-transposed Q8_0 copy and ggml's matmul). K and V
-// never match. A masked batch of >= 64 rows: the masked input times the dense weight (ggml's
+// never match. The model's output head when the file has a CHESS head (head_active). A masked batch of >= 64 rows: the masked input times the dense weight (ggml's
 // matmul). n_batch as for chess_build_ffn. Returns nullptr for ggml's own matmul.
 ggml_tensor * chess_build_proj(ggml_context * ctx, chess_state * st, int64_t n_batch, ggml_tensor * w, ggml_tensor * v,
                                const chess_name_cb & cb);

@@ -1,6 +1,6 @@
 // libFuzzer target for the CHESS part of the loader: the input is a whole GGUF file, parsed by
 // ggml's own gguf reader and mapped as llama.cpp does it, then checked by chess-check.h exactly as
-// the patched loader checks it: metadata, then every layer's tensors including the threshold values.
+// the patched loader checks it: metadata, then every layer's tensors including the threshold values, then the head's.
 // Built by `make test-fuzz` (clang, -fsanitize=fuzzer,address,undefined); seeds from
 // scripts/fuzz-seeds.py. A crash, sanitizer report, leak or timeout is a finding.
 #include "chess-check.h"
@@ -96,6 +96,15 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t * data, size_t size) {
             if (!chess_check_layer(L, il, d, levels.size(), true).empty()) {
                 break; // the loader throws at the first bad layer
             }
+        }
+        // the head, against the head's shape (output.weight, else the tied token embedding)
+        const ggml_tensor * w = ggml_get_tensor(ctx, "output.weight");
+        w = w ? w : ggml_get_tensor(ctx, "token_embd.weight");
+        chess_head H;
+        H.thr = ggml_get_tensor(ctx, "output.chess_thr");
+        H.wt  = ggml_get_tensor(ctx, "output.chess_wt");
+        if (w) {
+            (void) chess_check_head(H, w->ne[0], w->ne[1], levels.size(), true);
         }
     }
     gguf_free(g);

@@ -172,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", help="output file (default: IN.chess.gguf beside the input)")
     c.add_argument("--levels", type=arg(parse_floats), default=[0.3, 0.4, 0.5, 0.6, 0.7],
                    help="sparsity levels to calibrate, each in (0,1) (default 0.3,0.4,0.5,0.6,0.7)")
-    c.add_argument("--default-level", type=float, default=0.5, help="level used when none is chosen (default 0.5)")
+    c.add_argument("--default-level", type=float, default=None,
+                   help="level used when none is chosen (default 0.4 with the head part, 0.5 with --head off, when "
+                        "stored; docs/results.md)")
     c.add_argument("--calib", nargs="+", metavar="FILE",
                    help="calibration text files (default: the built-in Wikipedia calibration split)")
     c.add_argument("--calib-tokens", type=at_least(MIN_CALIB_TOKENS), default=16384,
@@ -207,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input sparsity of the output head, one for every level or one per --levels entry (0 = "
                         "dense at that level): adds a Q8_0 transposed copy of the head (output.weight or the "
                         "tied embedding) and a threshold on |h| per level; used by method chess "
-                        "(default off: the head stays dense; docs/results.md measures 0.3)")
+                        "(default 0.3 at every level in the dual layout, off in the compact one; off: the head "
+                        "stays dense; docs/results.md)")
     c.add_argument("--checkpoint-every", type=arg(parse_seconds), default=300.0, metavar="SECONDS",
                    help="save the calibration statistics to OUT.calib-partial this often (default 300; 0 = after "
                         "every window) and when calibration ends; the same command run again resumes from it; "

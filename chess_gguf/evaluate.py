@@ -435,7 +435,7 @@ def evaluate(path: str, opt: Options, log: Callable[[str], None] = lambda s: Non
             r["avg_acc"] = float(np.mean([v["acc"] for v in tasks_out.values()])) if tasks_out else None
             if method == "dense":
                 r["realised_sparsity"] = 0.0
-                r["realised_sparsity_parts"] = {"ffn": 0.0, "attn_q": 0.0, "attn_o": 0.0}
+                r["realised_sparsity_parts"] = {k: 0.0 for k in PARTS}
                 r["weight_bytes_per_token"] = decode_bytes(info["tensors"])
             else:
                 r["realised_sparsity_parts"] = _combine(segs[i])
@@ -585,7 +585,7 @@ def markdown_report(res: dict) -> str:
         parts += ["KL divergence of each sparse row's next-token distributions from the dense row's:", "",
                   kld_table(res), ""]
     parts += [f"- {s}" for s in summary_lines(res)]
-    parts += ["", "Realised sparsity per part (FFN, W_q input, W_o input):", ""]
+    parts += ["", "Realised sparsity per part (FFN, W_q input, W_o input, output head input):", ""]
     for r in res["results"]:
         p = r["realised_sparsity_parts"]
         parts.append(f"- {row_label(r)}: " + ", ".join(f"{k} {_fmt(v, '.3f')}" for k, v in p.items()))

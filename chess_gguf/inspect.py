@@ -29,7 +29,12 @@ def read_chess(path: str) -> dict:
                                 "shape": [int(x) for x in t.shape]}
         else:
             layers[il][kind] = np.asarray(t.data, dtype=np.float32).reshape(len(levels), -1)  # [n_levels, n or 1]
-    return {"meta": chk["meta"], "levels": levels, "layers": layers}
+    head = {}
+    if chk["head"]:
+        wt = chk["head"][fmt.HEAD_WT]
+        head = {"thresholds": np.asarray(chk["head"][fmt.HEAD_THR].data, dtype=np.float32).tolist(),
+                "type": wt.tensor_type.name, "shape": [int(x) for x in wt.shape]}
+    return {"meta": chk["meta"], "levels": levels, "layers": layers, "head": head}
 
 
 def threshold_summary(info: dict) -> list[dict]:
@@ -60,7 +65,7 @@ def measure_text(path: str, text: str, info: dict, *, ctx: int = 512, threads: O
         for lv in info["levels"]:
             key = f"{lv:g}"
             out["overall"][key], out["per_layer"][key] = {}, {}
-            for method, parts in (("chess", ("ffn", "attn_q", "attn_o")), ("cats", ("ffn",))):
+            for method, parts in (("chess", ("ffn", "attn_q", "attn_o", "head")), ("cats", ("ffn",))):
                 c.chess_set(method, key, "masked")
                 c.chess_stats_reset()
                 for w in windows:
@@ -90,7 +95,7 @@ def inspect(path: str, text_file: Optional[str] = None, *, threads: Optional[int
     res = {"file": str(path), "levels": info["levels"],
            "metadata": {k: (v if not isinstance(v, np.ndarray) else v.tolist()) for k, v in info["meta"].items()},
            "n_layers": len(info["layers"]), "thresholds": threshold_summary(info),
-           "transposed": _transposed(info["layers"])}
+           "transposed": _transposed(info["layers"]), "head": info["head"]}
     if text_file:
         p = Path(text_file)
         if not p.is_file():
@@ -111,6 +116,10 @@ def print_report(res: dict) -> None:
           f"{md.get('chess.tool_version')}")
     for k, v in res["transposed"].items():
         print(f"  {k}: {v['type']} {v['shape']}")
+    if res.get("head"):
+        h = res["head"]
+        print(f"  output head: {h['type']} {h['shape']}, threshold on |h| per level "
+              + ", ".join(f"{lv}: {t:.4g}" for lv, t in zip(res["levels"], h["thresholds"])) + " (0 = dense)")
     lv = res["levels"]
     mid = lv[len(lv) // 2]
     print(f"per-layer thresholds at level {mid}: layer  tau-median  cats  attn-q  attn-o")
@@ -119,6 +128,8 @@ def print_report(res: dict) -> None:
         print(f"  {r['layer']:>3}  {g('tau_median'):.4f}  {g('ffn_cats'):.4f}  {g('thr_q'):.4f}  {g('thr_o'):.4f}")
     if "realised_sparsity" in res:
         print(f"realised sparsity on {res['text']} ({res['n_tokens']} tokens):")
-        print(f"  {'level':>5}  {'ffn(chess)':>10}  {'ffn(cats)':>10}  {'attn_q':>8}  {'attn_o':>8}")
+        f = lambda x: f"{x:.3f}" if x is not None else "dense"  # noqa: E731
+        print(f"  {'level':>5}  {'ffn(chess)':>10}  {'ffn(cats)':>10}  {'attn_q':>8}  {'attn_o':>8}  {'head':>6}")
         for k, v in res["realised_sparsity"].items():
-            print(f"  {k:>5}  {v['ffn']:>10.3f}  {v['ffn_cats']:>10.3f}  {v['attn_q']:>8.3f}  {v['attn_o']:>8.3f}")
+            print(f"  {k:>5}  {f(v['ffn']):>10}  {f(v['ffn_cats']):>10}  {f(v['attn_q']):>8}  {f(v['attn_o']):>8}  "
+                  f"{f(v.get('head')):>6}")

@@ -69,10 +69,10 @@ def parse_floats(s: str) -> list[float]:
 
 
 def parse_head(s: str):
-    """convert's --head: off (the head stays dense), or sparsities of the output head's input, one
+    """convert's --head: off ([]: the head stays dense), or sparsities of the output head's input, one
     for every level or one per level (checked by convert)."""
     if s.strip().lower() == "off":
-        return None
+        return []
     return parse_floats(s)
 
 

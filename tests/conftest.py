@@ -53,12 +53,13 @@ def _convert(src, out, *extra):
 
 @pytest.fixture(scope="session")
 def smol_chess(smol_path, tmp_path_factory):
-    """SmolLM2 converted once per test session (16k calibration tokens, levels 0.3/0.5/0.7)."""
+    """SmolLM2 converted once per test session (16k calibration tokens, levels 0.3/0.5/0.7, the head
+    dense: the tests of the layer parts and of the head study; tests/test_head.py has the head)."""
     out = tmp_path_factory.mktemp("smol") / "smol.chess.gguf"
-    return _convert(smol_path, out, "--calib-tokens", "16384", "--levels", "0.3,0.5,0.7")
+    return _convert(smol_path, out, "--calib-tokens", "16384", "--levels", "0.3,0.5,0.7", "--head", "off")
 
 
 @pytest.fixture(scope="session")
 def qwen_chess(qwen_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("qwen") / "qwen.chess.gguf"
-    return _convert(qwen_path, out, "--calib-tokens", "8192", "--levels", "0.5,0.7")
+    return _convert(qwen_path, out, "--calib-tokens", "8192", "--levels", "0.5,0.7", "--head", "off")

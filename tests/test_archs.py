@@ -61,7 +61,7 @@ def _greedy(path, level=None, n=16):
 def test_off_decodes_as_the_original(files, arch):
     orig, conv = files(arch)
     kinds = {t.name.split(".")[-1] for t in GGUFReader(str(conv)).tensors if ".chess_" in t.name}
-    assert kinds == {"chess_ffn_cats"} | {k for p in PARTS[arch] for k in KINDS[p]}, kinds
+    assert kinds == {"chess_ffn_cats", "chess_thr", "chess_wt"} | {k for p in PARTS[arch] for k in KINDS[p]}, kinds
     assert _greedy(orig) == _greedy(conv, "off")
 
 
@@ -100,7 +100,7 @@ def test_zero_thresholds_are_dense(files, arch, tmp_path):
     shutil.copy(conv, zero)
     r = GGUFReader(str(zero), "r+")
     for t in r.tensors:
-        if any(k in t.name for k in ("chess_ffn_tau", "chess_ffn_cats", "chess_thr_q", "chess_thr_o")):
+        if any(k in t.name for k in ("chess_ffn_tau", "chess_ffn_cats", "chess_thr_q", "chess_thr_o", "output.chess_thr")):
             t.data[...] = 0
     r.data.flush()
     del r

@@ -190,10 +190,10 @@ def test_json_shape_and_ratios(chess_file, bench_json):
     assert set(res["decode_speedup"]) == set(res["ideal_speedup"]) == {"0.5", "0.7"}
     assert (res["threads"], res["reps"], res["decode_tokens"], res["prompt_tokens"]) == (1, 2, 12, 32)
     base = res["results"][0]
-    assert base["realised_sparsity"] == {"ffn": 0.0, "q": 0.0, "o": 0.0} and base["ideal_speedup"] == 1.0
+    assert base["realised_sparsity"] == {"ffn": 0.0, "q": 0.0, "o": 0.0, "head": 0.0} and base["ideal_speedup"] == 1.0
     for r in res["results"]:
         assert set(r) >= {"level", "method", "decode_tps", "prefill_tps", "realised_sparsity"}
-        assert set(r["realised_sparsity"]) == {"ffn", "q", "o"}
+        assert set(r["realised_sparsity"]) == {"ffn", "q", "o", "head"}
         assert len(r["decode_tps_runs"]) == len(r["prefill_tps_runs"]) == 2
         assert all(x > 0 for x in r["decode_tps_runs"] + r["prefill_tps_runs"])
         assert r["decode_tps"] > 0 and r["prefill_tps"] > 0
@@ -205,8 +205,9 @@ def test_json_shape_and_ratios(chess_file, bench_json):
             assert res["decode_speedup"][key] == pytest.approx(r["decode_tps"] / base["decode_tps"])
             assert res["ideal_speedup"][key] == r["ideal_speedup"]
             assert r["sparse_tokens"] == 12  # the counters saw exactly the timed decode tokens
+            assert r["realised_sparsity"]["head"] == 0.0  # the fixture's head is dense (--head off)
             for part, s in r["realised_sparsity"].items():
-                assert abs(s - r["level"]) < 0.15, (part, s, r["level"])
+                assert part == "head" or abs(s - r["level"]) < 0.15, (part, s, r["level"])
     assert "round 2/2" in err  # progress on stderr
 
 

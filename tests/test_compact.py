@@ -26,7 +26,8 @@ COPY_OF = {"ffn_down.weight": "chess_wt_down", "attn_q.weight": "chess_wt_q", "a
 def smol_compact(smol_path, tmp_path_factory):
     """The same conversion as the session's smol_chess, in the compact layout."""
     out = tmp_path_factory.mktemp("compact") / "smol.compact.chess.gguf"
-    return _convert(smol_path, out, "--calib-tokens", "16384", "--levels", "0.3,0.5,0.7", "--layout", "compact")
+    return _convert(smol_path, out, "--calib-tokens", "16384", "--levels", "0.3,0.5,0.7", "--layout", "compact",
+                    "--head", "off")
 
 
 def _tensors(path):

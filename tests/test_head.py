@@ -144,3 +144,22 @@ def test_head_sparsity_options_are_checked(tmp_path, smol_path):
         r = run_cli("convert", smol_path, "-o", tmp_path / "o.gguf", "--levels", "0.3,0.5,0.7", "--head", arg, "-q")
         assert r.returncode != 0 and msg in r.stderr, r.stderr
         assert not (tmp_path / "o.gguf").exists()
+
+
+def test_default_conversion_has_the_head(smol_path, tmp_path):
+    """convert's defaults (dual layout): the head at 0.3 on every level, default level 0.4; decoding
+    at the default drops about 30% of the head's input on real text. --head off: no head, default 0.5."""
+    out = tmp_path / "d.chess.gguf"
+    r = run_cli("convert", smol_path, "-o", out, "--calib-tokens", "2048", "--rule", "chess", "--threads", "2", "-q")
+    assert r.returncode == 0, r.stderr
+    info = fmt.read_chess(out)
+    assert float(info["default_level"]) == pytest.approx(0.4) and set(info["head"]) == set(fmt.HEAD_TENSORS)
+    assert "head" in r.stdout
+    _, _, st = _run(out, "default", "dense", 32)
+    assert 0.2 < st["head"]["sparsity"] < 0.45, st["head"]
+    off = tmp_path / "off.chess.gguf"
+    r = run_cli("convert", smol_path, "-o", off, "--calib-tokens", "1024", "--rule", "chess", "--levels", "0.4,0.5",
+                "--head", "off", "--threads", "2", "-q")
+    assert r.returncode == 0, r.stderr
+    info = fmt.read_chess(off)
+    assert float(info["default_level"]) == pytest.approx(0.5) and not info["head"]

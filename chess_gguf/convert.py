@@ -61,8 +61,8 @@ def transposed_type(orig: QT, row_len: int, override: Optional[QT] = None, layou
 
 # The defaults come from the measured frontier (docs/results.md, "The output head in the runtime"):
 # the head at 0.3 costs little (KLD 0.03 SmolLM2 / 0.02 Qwen alone) for 9-11% of the bytes, and
-# level 0.4 + head 0.3 reads 7-8% fewer bytes than level 0.5 without it at 35-40% less KLD, on both
-# dev models. Without the head, the paper's level 0.5 stays the default.
+# level 0.4 + head 0.3 reads 7-8% fewer bytes than level 0.5 without it at 37-42% less KLD, on both
+# dev models, decoding as fast or faster. Without the head, the paper's level 0.5 stays the default.
 HEAD_DEFAULT = 0.3
 DEFAULT_LEVELS = {True: (0.4, 0.5), False: (0.5,)}  # preferred default level, with / without the head
 
@@ -353,8 +353,7 @@ def head_thresholds(hist_head: np.ndarray, hs: Sequence[float], path) -> np.ndar
 
 
 def head_copy(reader) -> tuple:
-    """The head's transposed copy [n_embd rows of n_vocab] (format.head_weight)
-    (format.head_weight), in Q8_0 (integer dots in the in kernel; a second rounding of a Q8_0 head
+    """The head's transposed copy [n_embd rows of n_vocab] (format.head_weight), in Q8_0 (integer dots in the in kernel; a second rounding of a Q8_0 head
     costs a KLD of about 0.0007 against dense, docs/results.md) or F16 where n_vocab is not a multiple of 32."""
     name = fmt.head_weight({t.name for t in reader.tensors})
     wt = np.ascontiguousarray(fmt.tensor_f32(reader, name).T)  # [n_embd, n_vocab]
@@ -382,7 +381,7 @@ def convert(inp: str, out: Optional[str], opt: Options) -> dict:
     levels = [float(x) for x in check_levels(opt.levels)]
     hs = head_sparsities(opt.head, levels, opt.layout)
     if opt.default_level is None:
-        opt = dataclasses.replace(opt, default_level=default_level_for(levels, bool(hs and any(hs))))
+        opt = dataclasses.replace(opt, default_level=default_level_for(levels, hs is not None))
     if opt.default_level not in levels:
         raise ValueError(f"--default-level {opt.default_level} is not one of --levels {levels}")
     if opt.stat not in ("mean-abs", "rms"):

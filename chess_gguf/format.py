@@ -210,12 +210,7 @@ def check_chess(reader: GGUFReader, path: str | os.PathLike) -> dict:
                 rule = "not NaN and >= 0" if kind == "chess_ffn_tau" else "finite and >= 0"
                 raise ValueError(f"{path}: {t.name}: invalid threshold {float(v[k, c])} at {where} (must be {rule})")
         elif t.tensor_type != GGMLQuantizationType.I8:
-            if t.tensor_type in WT_UNSUPPORTED:
-                raise ValueError(f"{path}: {t.name}: type {t.tensor_type.name.lower()} is not supported by the CHESS kernels")
-            block = GGML_QUANT_SIZES[t.tensor_type][0]
-            if shape[0] % block:
-                raise ValueError(f"{path}: {t.name}: rows of {shape[0]} are not a multiple of the "
-                                 f"{t.tensor_type.name} block size {block}")
+            _check_copy_type(t, shape[0], path)
         if (il, kind) in tensors:
             raise ValueError(f"{path}: {t.name}: duplicated")
         tensors[(il, kind)] = t
@@ -288,12 +283,17 @@ def _check_head(reader: GGUFReader, head: dict, n_levels: int, path) -> None:
     if [int(x) for x in wt.shape] != want:
         raise ValueError(f"{path}: {HEAD_WT}: shape {[int(x) for x in wt.shape]}, expected {want} "
                          f"(the transposed {w.name})")
-    if wt.tensor_type in WT_UNSUPPORTED:
-        raise ValueError(f"{path}: {HEAD_WT}: type {wt.tensor_type.name.lower()} is not supported by the CHESS kernels")
-    block = GGML_QUANT_SIZES[wt.tensor_type][0]
-    if want[0] % block:
-        raise ValueError(f"{path}: {HEAD_WT}: rows of {want[0]} are not a multiple of the "
-                         f"{wt.tensor_type.name} block size {block}")
+    _check_copy_type(wt, want[0], path)
+
+
+def _check_copy_type(t: Any, row_len: int, path) -> None:
+    """A transposed copy the kernels can read: a supported type whose block size divides its rows."""
+    if t.tensor_type in WT_UNSUPPORTED:
+        raise ValueError(f"{path}: {t.name}: type {t.tensor_type.name.lower()} is not supported by the CHESS kernels")
+    block = GGML_QUANT_SIZES[t.tensor_type][0]
+    if row_len % block:
+        raise ValueError(f"{path}: {t.name}: rows of {row_len} are not a multiple of the "
+                         f"{t.tensor_type.name} block size {block}")
 
 
 def read_chess(path: str | os.PathLike) -> dict:

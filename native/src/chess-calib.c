@@ -196,7 +196,7 @@ static bool cc_alloc_ff(struct chess_calib * c, struct cc_layer * L, int64_t n_f
 // counts the columns [off, off + width) of a node's rows as `kind` of layer il
 static bool cc_node(struct chess_calib * c, int kind, int il, const float * x, int64_t rows, int64_t ld,
                     int64_t off, int64_t width, const char * name) {
-    struct cc_layer * L = &c->layers[kind == K_HEAD ? 0 : il];
+    struct cc_layer * L = kind == K_HEAD ? NULL : &c->layers[il];  // the head's pool is model-wide
     if ((kind == K_GATE || kind == K_UP) && !cc_alloc_ff(c, L, width, name)) {
         return false;
     }
@@ -429,11 +429,13 @@ int chess_calib_read(const struct chess_calib * c, int il, int what, void * out,
     if (size == 0 || n != size) {
         return -1;
     }
-    const struct cc_layer * L = &c->layers[il < 0 ? 0 : il];
+    if (what == CHESS_CALIB_HIST_HEAD) {
+        memcpy(out, c->head, n * sizeof(int64_t));
+        return 0;
+    }
+    const struct cc_layer * L = &c->layers[il];
     if (what == CHESS_CALIB_SUM_ABS_U || what == CHESS_CALIB_SUM_SQ_U) {
         memcpy(out, what == CHESS_CALIB_SUM_ABS_U ? L->sum_abs_u : L->sum_sq_u, n * sizeof(double));
-    } else if (what == CHESS_CALIB_HIST_HEAD) {
-        memcpy(out, c->head, n * sizeof(int64_t));
     } else if (what == CHESS_CALIB_HIST_A) {
         memcpy(out, L->hist_a, n * sizeof(uint32_t));
     } else {

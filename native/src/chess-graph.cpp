@@ -359,21 +359,18 @@ ggml_tensor * chess_build_proj(ggml_context * ctx, chess_state * st, int64_t n_b
     if (!st || v->type != GGML_TYPE_F32) {
         return nullptr;
     }
+    const bool head = st->head.w == w; // set only when the file has a CHESS head; its original always exists
     int il = -1;
-    chess_part part = CHESS_PART_FFN; // FFN: W_down, only ever matched in the compact layout
-    if (st->head.w == w && st->head.wt) {
-        part = CHESS_PART_HEAD;
-    }
-    for (size_t i = 0; i < st->layers.size() && il < 0 && part != CHESS_PART_HEAD; ++i) {
+    chess_part part = head ? CHESS_PART_HEAD : CHESS_PART_FFN; // FFN: W_down, only ever matched in the compact layout
+    for (size_t i = 0; i < st->layers.size() && il < 0 && !head; ++i) {
         const chess_layer & L = st->layers[i];
         if (L.wq == w) { il = (int) i; part = CHESS_PART_Q; }
         if (L.wo == w) { il = (int) i; part = CHESS_PART_O; }
         if (st->compact && L.wt_down == w) { il = (int) i; part = CHESS_PART_FFN; }
     }
-    if (il < 0 && part != CHESS_PART_HEAD) {
+    if (il < 0 && !head) {
         return nullptr;
     }
-    const bool head = part == CHESS_PART_HEAD; // the head's original always exists (also compact)
     const chess_layer * L = head ? nullptr : &st->layers[il];
     ggml_tensor * wt  = head ? st->head.wt  : part == CHESS_PART_Q ? L->wt_q  : part == CHESS_PART_O ? L->wt_o : L->wt_down;
     ggml_tensor * thr = head ? st->head.thr : part == CHESS_PART_Q ? L->thr_q : part == CHESS_PART_O ? L->thr_o : nullptr;

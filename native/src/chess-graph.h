@@ -37,7 +37,7 @@ struct chess_layer {
 struct chess_head {
     ggml_tensor * thr = nullptr;     // f32 [n_levels]
     ggml_tensor * wt  = nullptr;     // [n_vocab, n_embd]
-    const ggml_tensor * w = nullptr; // the model's head (model.output): chess_build_proj matches it
+    const ggml_tensor * w = nullptr; // the model's head (model.output) when wt exists: chess_build_proj matches it
 };
 
 struct chess_state;
@@ -109,7 +109,8 @@ ggml_tensor * chess_build_ffn(ggml_context * ctx, chess_state * st, int il, int6
 // `w` is some layer's W_q (input = attn_norm output) or W_o (input = kqv_out) and the level is on;
 // with the compact layout also every dense product by a transposed-only W_down/W_q/W_o (the
 // dense in kernel for a few tokens, else a re-transposed Q8_0 copy and ggml's matmul). K and V
-// never match. The model's output head when the file has a CHESS head (head_active). A masked batch of >= 64 rows: the masked input times the dense weight (ggml's
-// matmul). n_batch as for chess_build_ffn. Returns nullptr for ggml's own matmul.
+// never match; the model's output head does when the file has a CHESS head (head_active). A masked
+// batch of >= 64 rows: the masked input times the dense weight (ggml's matmul). n_batch as for
+// chess_build_ffn. Returns nullptr for ggml's own matmul.
 ggml_tensor * chess_build_proj(ggml_context * ctx, chess_state * st, int64_t n_batch, ggml_tensor * w, ggml_tensor * v,
                                const chess_name_cb & cb);

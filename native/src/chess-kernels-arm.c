@@ -77,6 +77,7 @@ static inline __attribute__((always_inline)) void ch_up_rows_neon(const int kind
         const float * xs, int64_t nb, float * sums) {
     float32x4_t acc[CH_UP_ROWS];
     float corr[CH_UP_ROWS];
+    CH_UNROLL
     for (int r = 0; r < NR; r++) {
         acc[r] = vdupq_n_f32(0.0f);
         corr[r] = 0.0f;
@@ -85,6 +86,7 @@ static inline __attribute__((always_inline)) void ch_up_rows_neon(const int kind
     for (int64_t b = 0; b < nb; b++) {
         const int8_t * xb = (const int8_t *) (xq + b * xs_bytes + (has_m ? 4 : 2));
         const int8x16_t xl = vld1q_s8(xb), xh = vld1q_s8(xb + 16);
+        CH_UNROLL
         for (int r = 0; r < NR; r++) {
             const uint8_t * wb = rows[r] + b * ts;
             const ggml_fp16_t * hp = (const ggml_fp16_t *) wb;
@@ -97,6 +99,7 @@ static inline __attribute__((always_inline)) void ch_up_rows_neon(const int kind
             }
         }
     }
+    CH_UNROLL
     for (int r = 0; r < NR; r++) {
         sums[r] = vaddvq_f32(acc[r]) + corr[r];
     }
@@ -165,6 +168,7 @@ static inline __attribute__((always_inline)) void ch_up_rows_k_neon(const int ki
         const uint8_t * const * rows, size_t ts, const uint8_t * xq, int64_t nsb, float * sums) {
     float32x4_t acc[CH_UP_ROWS];
     float corr[CH_UP_ROWS];
+    CH_UNROLL
     for (int r = 0; r < NR; r++) {
         acc[r] = vdupq_n_f32(0.0f);
         corr[r] = 0.0f;
@@ -176,6 +180,7 @@ static inline __attribute__((always_inline)) void ch_up_rows_k_neon(const int ki
         memcpy(&dx, xb, 4);
         const int8_t * x8 = (const int8_t *) (xb + 4);
         const int16_t * bsums = (const int16_t *) (xb + 260);
+        CH_UNROLL
         for (int r = 0; r < NR; r++) {
             const uint8_t * sb = rows[r] + b * ts;
             int32x4_t isum = z;
@@ -206,6 +211,7 @@ static inline __attribute__((always_inline)) void ch_up_rows_k_neon(const int ki
             acc[r] = vfmaq_n_f32(acc[r], vcvtq_f32_s32(isum), d);
         }
     }
+    CH_UNROLL
     for (int r = 0; r < NR; r++) {
         sums[r] = vaddvq_f32(acc[r]) + corr[r];
     }

@@ -10,6 +10,7 @@
 // time as the pass advances (a burst of whole-row prefetches stalls the core, see ch_pf_list).
 // Measured against ggml's dense mul_mat on the same weights: docs/kernels.md.
 #define CH_UP_ROWS 4
+#define CH_K512_ROWS 2 // the AVX-512 K routes: 4 rows per pass measured no faster (docs/kernels.md)
 
 static inline float ch_hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -99,6 +100,7 @@ CH_INLINE void ch_up_rows2(const int kind, const int NR, const uint8_t * const *
     const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     const __m256i dsel = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2), msel = _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3);
     __m256 acc[CH_UP_ROWS], accm[CH_UP_ROWS];
+    CH_UNROLL
     for (int r = 0; r < NR; r++) {
         acc[r] = _mm256_setzero_ps();
         accm[r] = _mm256_setzero_ps();
@@ -108,6 +110,7 @@ CH_INLINE void ch_up_rows2(const int kind, const int NR, const uint8_t * const *
         const bool tail = p == np; // an odd last block: its partner is itself, with x = 0
         if (tail && nb % 2 == 0) break;
         const ch_upx2 * xp = X + p;
+        CH_UNROLL
         for (int r = 0; r < NR; r++) {
             const uint8_t * b0 = rows[r] + 2 * p * ts, * b1 = tail ? b0 : b0 + ts;
             if (ahead) CH_PREFETCH(ahead[r] + 2 * p * ts);
@@ -133,6 +136,7 @@ CH_INLINE void ch_up_rows2(const int kind, const int NR, const uint8_t * const *
             if (has_m) accm[r] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(dm, msel), xp->xs, accm[r]);
         }
     }
+    CH_UNROLL
     for (int r = 0; r < NR; r++) {
         sums[r] = ch_hsum8(has_m ? _mm256_add_ps(acc[r], accm[r]) : acc[r]);
     }
@@ -142,10 +146,12 @@ CH_INLINE void ch_up_rows2(const int kind, const int NR, const uint8_t * const *
 CH_INLINE void ch_up_rows_q8(const int NR, const uint8_t * const * rows, const uint8_t * const * ahead, int64_t nb,
                              const uint8_t * xq, float * sums) {
     __m256 acc[CH_UP_ROWS];
+    CH_UNROLL
     for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const __m256i xv = _mm256_loadu_si256((const __m256i *) (xq + b * 34 + 2));
         const float dx = ch_h2f(*(const ggml_fp16_t *) (xq + b * 34));
+        CH_UNROLL
         for (int r = 0; r < NR; r++) {
             const uint8_t * wb = rows[r] + b * 34;
             if (ahead) CH_PREFETCH(ahead[r] + b * 34);
@@ -154,6 +160,7 @@ CH_INLINE void ch_up_rows_q8(const int NR, const uint8_t * const * rows, const u
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(ch_h2f(*(const ggml_fp16_t *) wb) * dx), acc[r]);
         }
     }
+    CH_UNROLL
     for (int r = 0; r < NR; r++) sums[r] = ch_hsum8(acc[r]);
 }
 
@@ -162,17 +169,18 @@ CH_INLINE void ch_up_rows_q8(const int NR, const uint8_t * const * rows, const u
 // madd by the sub-block's scale broadcast from one register), scaled once by d * d_x; Q4_K/Q5_K
 // mins and Q6_K's -32 through Q8_K's per-16 sums of x.
 
-// all 8 scales and mins of a Q4_K/Q5_K super-block as int16: [sc0..sc7 | m0..m7]
+// all 8 scales and mins of a Q4_K/Q5_K super-block as int16: [sc0..sc7 | m0..m7], by byte shuffles
+// (the 6-bit fields of the 12 packed bytes: sc_j / m_j = low 6 bits of bytes j / j+4 for j < 4; for
+// j >= 4 a nibble of byte j+4 plus the top 2 bits of byte j-4 / j). One load instead of scalar
+// unpacking and four inserts per row and super-block.
 static inline __m256i ch_q4k_scales16(const uint8_t * s12) {
-    uint32_t u[4];
-    memcpy(u, s12, 12);
-    const uint32_t m1 = 0x3f3f3f3f, m2 = 0x0f0f0f0f, m3 = 0x03030303;
-    u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
-    const uint32_t a = u[1] & m1;
-    u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
-    u[2] = a;
-    u[0] &= m1;
-    return _mm256_cvtepu8_epi16(_mm_set_epi32((int) u[3], (int) u[2], (int) u[1], (int) u[0]));
+    const __m128i s = _mm_loadu_si128((const __m128i *) s12); // bytes 12..15 unused (still inside the block)
+    const __m128i a = _mm_shuffle_epi8(s, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
+    const __m128i b = _mm_shuffle_epi8(s, _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));
+    const __m128i lo = _mm_blend_epi32(a, _mm_srli_epi16(a, 4), 0x8); // m4..m7 take the high nibbles
+    const __m128i v = _mm_or_si128(_mm_and_si128(lo, _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15)),
+                                   _mm_and_si128(_mm_srli_epi16(b, 2), _mm_set1_epi8(0x30)));
+    return _mm256_cvtepu8_epi16(v);
 }
 
 // shuffle masks: int16 element a of a 128-bit lane into every int16 lane of the low lane, b of the high
@@ -193,6 +201,7 @@ CH_INLINE void ch_up_rows_k(const int kind, const int NR, const uint8_t * const 
     const __m256i m4 = _mm256_set1_epi8(0x0F), h10 = _mm256_set1_epi8(0x10);
     __m256 acc[CH_UP_ROWS];
     float corr[CH_UP_ROWS];
+    CH_UNROLL
     for (int r = 0; r < NR; r++) {
         acc[r] = _mm256_setzero_ps();
         corr[r] = 0.0f;
@@ -205,6 +214,7 @@ CH_INLINE void ch_up_rows_k(const int kind, const int NR, const uint8_t * const 
         const __m256i bs = _mm256_loadu_si256((const __m256i *) (xb + 260)); // int16 bsums[16]
         // Q4_K/Q5_K: per 32-element sums (pairs of bsums) in int16 lanes 0..7
         const __m128i bs32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+        CH_UNROLL
         for (int r = 0; r < NR; r++) {
             const uint8_t * sb = rows[r] + b * ts;
             if (ahead) {
@@ -254,6 +264,7 @@ CH_INLINE void ch_up_rows_k(const int kind, const int NR, const uint8_t * const 
             }
         }
     }
+    CH_UNROLL
     for (int r = 0; r < NR; r++) sums[r] = ch_hsum8(acc[r]) + corr[r];
 }
 
@@ -310,8 +321,9 @@ CH_INLINE void ch_up_rows_k512(const int kind, const int NR, const uint8_t * con
     // bit of sub-block s (bit s of qh[e]) to 0x10: left for s = 0..3, right for s = 4..7
     const __m512i si0 = CH_V16(0, 2), si1 = CH_V16(1, 3), si2 = CH_V16(4, 6), si3 = CH_V16(5, 7);
     const __m512i sh0 = CH_V16(4, 2), sh1 = CH_V16(3, 1), sh2 = CH_V16(0, 2), sh3 = CH_V16(1, 3);
-    __m512 acc[2];
-    __m128 accm[2];
+    __m512 acc[CH_UP_ROWS];
+    __m128 accm[CH_UP_ROWS];
+    CH_UNROLL
     for (int r = 0; r < NR; r++) {
         acc[r] = _mm512_setzero_ps();
         accm[r] = _mm_setzero_ps();
@@ -319,6 +331,7 @@ CH_INLINE void ch_up_rows_k512(const int kind, const int NR, const uint8_t * con
     }
     for (int64_t b = 0; b < nsb; b++) {
         const ch_upk512 * xb = X + b;
+        CH_UNROLL
         for (int r = 0; r < NR; r++) {
             const uint8_t * sb = rows[r] + b * ts;
             if (ahead) ch_prefetch_span(ahead[r] + b * ts, ts);
@@ -347,6 +360,7 @@ CH_INLINE void ch_up_rows_k512(const int kind, const int NR, const uint8_t * con
             accm[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(mm), _mm_set1_ps(-ch_h2f(hp[1]) * xb->dx), accm[r]);
         }
     }
+    CH_UNROLL
     for (int r = 0; r < NR; r++) {
         __m128 m = _mm_add_ps(accm[r], _mm_movehl_ps(accm[r], accm[r]));
         m = _mm_add_ss(m, _mm_movehdup_ps(m));
@@ -364,8 +378,9 @@ CH_INLINE void ch_up_rows_q6k512(const int NR, const uint8_t * const * rows, con
     // scale index per int16 of a maddubs result: 8 pairs per 16 levels
     const __m512i sl0 = _mm512_set_epi64(0x0003000300030003LL, 0x0003000300030003LL, 0x0002000200020002LL, 0x0002000200020002LL,
                                          0x0001000100010001LL, 0x0001000100010001LL, 0x0000000000000000LL, 0x0000000000000000LL);
-    __m512 acc[2];
-    __m256 accm[2];
+    __m512 acc[CH_UP_ROWS];
+    __m256 accm[CH_UP_ROWS];
+    CH_UNROLL
     for (int r = 0; r < NR; r++) {
         acc[r] = _mm512_setzero_ps();
         accm[r] = _mm256_setzero_ps();
@@ -377,6 +392,7 @@ CH_INLINE void ch_up_rows_q6k512(const int NR, const uint8_t * const * rows, con
         memcpy(&dx, xb, 4);
         const int8_t * x8 = (const int8_t *) (xb + 4);
         const __m256i bs = _mm256_loadu_si256((const __m256i *) (xb + 260)); // int16 bsums[16]
+        CH_UNROLL
         for (int r = 0; r < NR; r++) {
             const uint8_t * sb = rows[r] + b * 210;
             if (ahead) ch_prefetch_span(ahead[r] + b * 210, 210);
@@ -402,6 +418,7 @@ CH_INLINE void ch_up_rows_q6k512(const int NR, const uint8_t * const * rows, con
             accm[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sc16, bs)), _mm256_set1_ps(-32.0f * d), accm[r]);
         }
     }
+    CH_UNROLL
     for (int r = 0; r < NR; r++) {
         sums[r] = _mm512_reduce_add_ps(acc[r]) + ch_hsum8(accm[r]);
     }
@@ -417,7 +434,7 @@ CH_INLINE void ch_up_rows_q6k512(const int NR, const uint8_t * const * rows, con
 CH_INLINE void ch_up_drive(const int kind, const char * w, size_t nb1, int64_t n_in, const int32_t * kept, int64_t nk,
                            const void * xq, float * s) {
     const bool k = kind >= CH_UQ4_K, k512 = CH_UP_K512(kind);
-    const int G = k512 ? 2 : CH_UP_ROWS; // rows per pass (the AVX-512 K routes spill with 4)
+    const int G = k512 ? CH_K512_ROWS : CH_UP_ROWS; // rows per pass
     const int64_t nb = n_in / (k ? 256 : 32);
     const ch_upx2 * X = kind != CH_UQ8_0 && !k ? ch_upx2_prepare(kind, (const uint8_t *) xq, nb) : NULL;
 #if defined(CHESS_AVX512)
@@ -440,11 +457,11 @@ CH_INLINE void ch_up_drive(const int kind, const char * w, size_t nb1, int64_t n
         if (k512) {
             const uint8_t * const * a = pf ? ahead : NULL;
             if (kind == CH_UQ6_K) {
-                if (nr == 2) ch_up_rows_q6k512(2, rows, a, nb, (const uint8_t *) xq, s + i);
-                else         ch_up_rows_q6k512(1, rows, a, nb, (const uint8_t *) xq, s + i);
+                if (nr == CH_K512_ROWS) ch_up_rows_q6k512(CH_K512_ROWS, rows, a, nb, (const uint8_t *) xq, s + i);
+                else                    ch_up_rows_q6k512(1, rows, a, nb, (const uint8_t *) xq, s + i);
             } else {
-                if (nr == 2) ch_up_rows_k512(kind, 2, rows, a, nb, XK, s + i);
-                else         ch_up_rows_k512(kind, 1, rows, a, nb, XK, s + i);
+                if (nr == CH_K512_ROWS) ch_up_rows_k512(kind, CH_K512_ROWS, rows, a, nb, XK, s + i);
+                else                    ch_up_rows_k512(kind, 1, rows, a, nb, XK, s + i);
             }
             i += nr;
             continue;

@@ -321,8 +321,8 @@ CH_INLINE void ch_up_rows_k512(const int kind, const int NR, const uint8_t * con
     // bit of sub-block s (bit s of qh[e]) to 0x10: left for s = 0..3, right for s = 4..7
     const __m512i si0 = CH_V16(0, 2), si1 = CH_V16(1, 3), si2 = CH_V16(4, 6), si3 = CH_V16(5, 7);
     const __m512i sh0 = CH_V16(4, 2), sh1 = CH_V16(3, 1), sh2 = CH_V16(0, 2), sh3 = CH_V16(1, 3);
-    __m512 acc[CH_UP_ROWS];
-    __m128 accm[CH_UP_ROWS];
+    __m512 acc[CH_K512_ROWS];
+    __m128 accm[CH_K512_ROWS];
     CH_UNROLL
     for (int r = 0; r < NR; r++) {
         acc[r] = _mm512_setzero_ps();
@@ -378,8 +378,8 @@ CH_INLINE void ch_up_rows_q6k512(const int NR, const uint8_t * const * rows, con
     // scale index per int16 of a maddubs result: 8 pairs per 16 levels
     const __m512i sl0 = _mm512_set_epi64(0x0003000300030003LL, 0x0003000300030003LL, 0x0002000200020002LL, 0x0002000200020002LL,
                                          0x0001000100010001LL, 0x0001000100010001LL, 0x0000000000000000LL, 0x0000000000000000LL);
-    __m512 acc[CH_UP_ROWS];
-    __m256 accm[CH_UP_ROWS];
+    __m512 acc[CH_K512_ROWS];
+    __m256 accm[CH_K512_ROWS];
     CH_UNROLL
     for (int r = 0; r < NR; r++) {
         acc[r] = _mm512_setzero_ps();

@@ -7,8 +7,11 @@
 //
 //   gcc -O2 -march=native scripts/memrow.c -o build/memrow
 //   build/memrow ROW_BYTES KEEP AHEAD HINT WORK MB HUGE
-//     HINT: t0 | t1 | none (prefetcht0 / prefetcht1 / no prefetch); HUGE 1: madvise(MADV_HUGEPAGE)
+//     HINT: t0 | t1 | t2 | nta | none (prefetcht0/1/2/nta or no prefetch); HUGE 1: madvise(MADV_HUGEPAGE)
 //   e.g. build/memrow 864 0.5 8 t1 4 96 0     (a Qwen2.5-1.5B Q4_K W_up row: 1536 inputs)
+//   MEMROW_PAIR=1: each kept index is read from two matrices (a neuron's W_up row and its W_down
+//   row stored apart): compare with one matrix of 2 x ROW_BYTES rows (the two stored side by side).
+//   Times are per kept index.
 #define _GNU_SOURCE
 #include <immintrin.h>
 #include <stdint.h>
@@ -32,8 +35,11 @@ int main(int argc, char ** argv) {
     const size_t R = (size_t) atol(argv[1]);
     const double keep = atof(argv[2]), mb = atof(argv[6]);
     const int ahead = atoi(argv[3]), work = atoi(argv[5]), huge = atoi(argv[7]);
-    const int hint = !strcmp(argv[4], "t0") ? 0 : !strcmp(argv[4], "t1") ? 1 : -1;
-    const size_t rows = mb < 1 ? 512 : 8960, mat = R * rows, nmat = (size_t) (mb * 1e6) / mat + 1;
+    const char * h = argv[4];
+    const int hint = !strcmp(h, "t0") ? _MM_HINT_T0 : !strcmp(h, "t1") ? _MM_HINT_T1 : !strcmp(h, "t2") ? _MM_HINT_T2
+                   : !strcmp(h, "nta") ? _MM_HINT_NTA : -1;
+    const int pair = getenv("MEMROW_PAIR") != NULL;
+    const size_t rows = mb < 1 ? 512 : 8960, mat = R * rows, nmat = (size_t) (mb * 1e6) / mat + 1 + pair;
     const size_t total = (nmat * mat + 64 + (2u << 20) - 1) & ~(size_t) ((2u << 20) - 1);
     uint8_t * buf = aligned_alloc(2u << 20, total);
     if (!buf) return 1;
@@ -51,21 +57,32 @@ int main(int argc, char ** argv) {
             if (rand() < keep * RAND_MAX) idx[nk++] = (int) i;
         }
         const double t0 = now();
-        for (size_t m = 0; m < nmat; m++) {
-            const uint8_t * W = buf + m * mat;
+        size_t nrun = 0;
+        for (size_t m = 0; m + pair < nmat; m += 1 + pair, nrun++) {
+            const uint8_t * W = buf + m * mat; // pair: the second matrix is the next one
             for (int k = 0; k < nk; k++) {
                 const uint8_t * r = W + (size_t) idx[k] * R;
                 if (hint >= 0 && k + ahead < nk) {
-                    const uint8_t * p = W + (size_t) idx[k + ahead] * R;
-                    for (uintptr_t a = (uintptr_t) p & ~(uintptr_t) 63; a < (uintptr_t) (p + R); a += 64) {
-                        if (hint == 0) _mm_prefetch((const char *) a, _MM_HINT_T0);
-                        else           _mm_prefetch((const char *) a, _MM_HINT_T1);
+                    for (int s = 0; s <= pair; s++) {
+                        const uint8_t * p = W + s * mat + (size_t) idx[k + ahead] * R;
+                        for (uintptr_t a = (uintptr_t) p & ~(uintptr_t) 63; a < (uintptr_t) (p + R); a += 64) {
+                            switch (hint) { // the hint must be a constant
+                                case _MM_HINT_T0: _mm_prefetch((const char *) a, _MM_HINT_T0); break;
+                                case _MM_HINT_T1: _mm_prefetch((const char *) a, _MM_HINT_T1); break;
+                                case _MM_HINT_T2: _mm_prefetch((const char *) a, _MM_HINT_T2); break;
+                                default:          _mm_prefetch((const char *) a, _MM_HINT_NTA); break;
+                            }
+                        }
                     }
                 }
                 for (size_t j = 0; j < R; j += 64) {
-                    const __m512i v = j + 64 <= R ? _mm512_loadu_si512(r + j)
-                                                  : _mm512_maskz_loadu_epi8((1ull << (R - j)) - 1, r + j);
+                    const __mmask64 tail = (1ull << ((R - j) & 63)) - 1;
+                    const __m512i v = j + 64 <= R ? _mm512_loadu_si512(r + j) : _mm512_maskz_loadu_epi8(tail, r + j);
                     acc = _mm512_add_epi64(acc, v);
+                    if (pair) {
+                        acc = _mm512_add_epi64(acc, j + 64 <= R ? _mm512_loadu_si512(r + mat + j)
+                                                                : _mm512_maskz_loadu_epi8(tail, r + mat + j));
+                    }
                     for (int c = 0; c < work; c++) { // 4 independent chains
                         a1 = _mm512_dpbusd_epi32(a1, v, c0);
                         a2 = _mm512_dpbusd_epi32(a2, v, c0);
@@ -75,12 +92,12 @@ int main(int argc, char ** argv) {
                 }
             }
         }
-        const double t = (now() - t0) / (double) nmat;
+        const double t = (now() - t0) / (double) nrun;
         if (t < best) best = t;
     }
     const __m512i all = _mm512_add_epi32(_mm512_add_epi32(a1, a2), _mm512_add_epi32(a3, a4));
-    printf("rows of %zu B, keep %.2f, prefetch %s %d rows ahead, work %d, %.1f MB, huge %d: %.1f ns per kept row, "
-           "%.2f GB/s (best of 15; check %lld)\n", R, keep, argv[4], ahead, work, mb, huge, best * 1e9 / nk,
-           nk * R / best / 1e9, (long long) _mm512_reduce_add_epi64(_mm512_add_epi64(acc, all)));
+    printf("rows of %zu B%s, keep %.2f, prefetch %s %d rows ahead, work %d, %.1f MB, huge %d: %.1f ns per kept row, "
+           "%.2f GB/s (best of 15; check %lld)\n", R, pair ? " x 2 matrices" : "", keep, argv[4], ahead, work, mb, huge,
+           best * 1e9 / nk, nk * R * (1 + pair) / best / 1e9, (long long) _mm512_reduce_add_epi64(_mm512_add_epi64(acc, all)));
     return 0;
 }

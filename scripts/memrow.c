@@ -27,6 +27,11 @@ static double now(void) {
     return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
+// bytes [j, j + 64) of a row of R bytes, zero past its end
+static inline __m512i load64(const uint8_t * r, size_t R, size_t j) {
+    return j + 64 <= R ? _mm512_loadu_si512(r + j) : _mm512_maskz_loadu_epi8((1ull << (R - j)) - 1, r + j);
+}
+
 int main(int argc, char ** argv) {
     if (argc != 8) {
         fprintf(stderr, "usage: %s ROW_BYTES KEEP AHEAD t0|t1|none WORK MB HUGE\n", argv[0]);
@@ -76,13 +81,9 @@ int main(int argc, char ** argv) {
                     }
                 }
                 for (size_t j = 0; j < R; j += 64) {
-                    const __mmask64 tail = (1ull << ((R - j) & 63)) - 1;
-                    const __m512i v = j + 64 <= R ? _mm512_loadu_si512(r + j) : _mm512_maskz_loadu_epi8(tail, r + j);
+                    const __m512i v = load64(r, R, j);
                     acc = _mm512_add_epi64(acc, v);
-                    if (pair) {
-                        acc = _mm512_add_epi64(acc, j + 64 <= R ? _mm512_loadu_si512(r + mat + j)
-                                                                : _mm512_maskz_loadu_epi8(tail, r + mat + j));
-                    }
+                    if (pair) acc = _mm512_add_epi64(acc, load64(r + mat, R, j));
                     for (int c = 0; c < work; c++) { // 4 independent chains
                         a1 = _mm512_dpbusd_epi32(a1, v, c0);
                         a2 = _mm512_dpbusd_epi32(a2, v, c0);
